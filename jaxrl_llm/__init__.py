@@ -1,0 +1,1 @@
+"""jaxrl_llm: reinforcement learning on language models in JAX."""

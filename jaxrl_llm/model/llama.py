@@ -1,0 +1,254 @@
+"""A Llama-family decoder in Flax NNX (Llama, SmolLM2, Qwen2).
+
+Token embedding -> N x [RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU] ->
+RMSNorm -> LM head (tied or untied). Module and attribute names follow Hugging Face's
+(`model.layers[i].self_attn.q_proj`, ...) so one name table serves loading and PEFT export.
+
+The forward is written once for two uses:
+  * training / scoring: no cache, `attn_mask = causal_mask(token_mask)`;
+  * prefill and decode: a preallocated `KVCache` in which a token's slot is its position, so row b
+    writes its chunk at slots `[positions[b, 0], positions[b, 0] + T)` and rows of different
+    lengths leave no holes; `attn_mask [B, T, S]` says which slots each new token may see (built
+    by `jaxrl_llm.generation`).
+Positions are explicit so that left padding never shifts RoPE.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_llm.model.config import ModelConfig
+
+_INIT_STD = 0.02
+
+
+def _init(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
+    # Draw in float32 so that a bfloat16 model is the rounded float32 model of the same seed.
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _lastdim(v: jax.Array, ndim: int) -> jax.Array:
+    """A `[D]` vector shaped `[1, ..., D]` to broadcast explicitly against a rank-`ndim` array."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), kernel `[in, out]` stored in `param_dtype`, computed in x.dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = nnx.Param(
+            _init(rngs, (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + _lastdim(self.bias[...].astype(x.dtype), x.ndim)
+
+
+class Embed(nnx.Module):
+    """Token embedding `[V, D]`; `attend` is the tied LM head (logits = h @ E^T)."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _init(rngs, (vocab_size, d_model), param_dtype))
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x @ self.embedding[...].astype(x.dtype).T
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32 (as HF does) then cast back: bf16 variance is too coarse.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * _lastdim(self.weight[...].astype(jnp.float32), x.ndim)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, Hugging Face ("rotate half") layout.
+
+    Args:
+      x: `[B, T, H, D]` queries or keys.
+      positions: `[B, T]` integer positions.
+      theta: frequency base.
+    Returns:
+      `[B, T, H, D]`, same dtype as x.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys/values of every layer: `keys[l], values[l]: [B, S, KVH, Dh]`.
+
+    Slot s of row b holds the token at position s of that row; which slots are filled is
+    bookkeeping of the caller (`jaxrl_llm.generation.DecodeState.lengths`).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
+        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim_)
+        # Distinct buffers per layer and for keys/values: the cache is donated to jit.
+        zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
+        return cls(keys=zeros(), values=zeros())
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache `[B, S, ...]` with `new [B, T, ...]` written at slots `[start[b], start[b] + T)`."""
+    write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)
+    return jax.vmap(write)(cache, new.astype(cache.dtype), start)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, h, kvh, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim_
+        pd = config.jnp_param_dtype
+        self.q_proj = Linear(d, h * hd, use_bias=config.qkv_bias, param_dtype=pd, rngs=rngs)
+        self.k_proj = Linear(d, kvh * hd, use_bias=config.qkv_bias, param_dtype=pd, rngs=rngs)
+        self.v_proj = Linear(d, kvh * hd, use_bias=config.qkv_bias, param_dtype=pd, rngs=rngs)
+        self.o_proj = Linear(h * hd, d, param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x, positions, attn_mask, kv=None):
+        """x `[B, T, D]`, attn_mask `[B, T, S]`; kv = (keys, values) `[B, S, KVH, Dh]` or None."""
+        cfg = self.config
+        b, t, _ = x.shape
+        kvh, hd = cfg.num_kv_heads, cfg.head_dim_
+        groups = cfg.num_heads // kvh
+        q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, cfg.rope_theta)
+        k = rope(self.k_proj(x).reshape(b, t, kvh, hd), positions, cfg.rope_theta)
+        v = self.v_proj(x).reshape(b, t, kvh, hd)
+        if kv is not None:
+            k, v = _write_rows(kv[0], k, positions[:, 0]), _write_rows(kv[1], v, positions[:, 0])
+        q = q.reshape(b, t, kvh, groups, hd)  # query heads grouped by the KV head they share
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+        scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype))
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pd = config.d_model, config.ffn_dim, config.jnp_param_dtype
+        self.gate_proj = Linear(d, f, param_dtype=pd, rngs=rngs)
+        self.up_proj = Linear(d, f, param_dtype=pd, rngs=rngs)
+        self.down_proj = Linear(f, d, param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        pd = config.jnp_param_dtype
+        self.input_layernorm = RMSNorm(config.d_model, config.rms_eps, param_dtype=pd)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_eps, param_dtype=pd)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, attn_mask, kv=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, attn_mask, kv)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Transformer(nnx.Module):
+    """The decoder. `__call__` returns `(logits [B, T, V] float32, hidden [B, T, D], cache)`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pd = config.jnp_param_dtype
+        self.embed_tokens = Embed(config.vocab_size, config.d_model, param_dtype=pd, rngs=rngs)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.d_model, config.rms_eps, param_dtype=pd)
+        self.lm_head = (None if config.tie_embeddings else
+                        Linear(config.d_model, config.vocab_size, param_dtype=pd, rngs=rngs))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final (normed) hidden states `[B, T, D]` and the updated cache.
+
+        Args:
+          tokens: `[B, T]` int token ids.
+          positions: `[B, T]` int RoPE positions of the tokens.
+          attn_mask: `[B, T, S]` bool, True where token t may attend to key s; S = T without a
+            cache, S = cache.max_len with one.
+          cache: optional `KVCache`; row b's new keys/values are written at slots
+            `[positions[b, 0], positions[b, 0] + T)` (positions of a chunk must be contiguous,
+            and the caller checks that they fit: XLA clamps out-of-range writes).
+        """
+        if not isinstance(tokens, jax.core.Tracer):  # concrete input: check before any work
+            check_tokens(tokens, self.config.vocab_size)
+        x = self.embed_tokens(tokens, self.config.jnp_dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = layer(x, positions, attn_mask, kv)
+            new_keys.append(k)
+            new_values.append(v)
+        if cache is not None:
+            cache = KVCache(keys=tuple(new_keys), values=tuple(new_values))
+        return self.norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[..., D]` hidden states -> `[..., V]` float32 logits."""
+        head = self.embed_tokens.attend if self.lm_head is None else self.lm_head
+        return head(hidden).astype(jnp.float32)
+
+    def __call__(self, tokens, positions, attn_mask, cache=None):
+        hidden, cache = self.hidden_states(tokens, positions, attn_mask, cache)
+        return self.logits(hidden), hidden, cache
+
+
+def check_tokens(tokens, vocab_size: int) -> None:
+    """Raise if concrete `tokens` fall outside `[0, vocab_size)` (jnp.take would clamp silently)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {tokens.min()} max "
+                         f"{tokens.max()}: out of the vocabulary of this model")
+
+
+def causal_mask(token_mask: jax.Array) -> jax.Array:
+    """`[B, T]` validity mask -> `[B, T, T]` attention mask (causal, padded keys hidden).
+
+    Padded query rows keep their own diagonal so no softmax row is empty.
+    """
+    t = token_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    keys = token_mask.astype(bool)[:, None, :] | jnp.eye(t, dtype=bool)[None]
+    return causal[None] & keys
+
+
+def positions_from_mask(token_mask: jax.Array) -> jax.Array:
+    """`[B, T]` validity mask -> `[B, T]` positions counting real tokens only (left padding ok)."""
+    return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1, 0)
