@@ -1,0 +1,320 @@
+"""Batched sampling with a preallocated KV cache: jitted prefill + `lax.while_loop` decode.
+
+Two levels of API:
+  * `generate(model, prompt_tokens, prompt_mask, key, sampling)`: one-shot, prompt in, response out.
+  * `DecodeState` + `extend` + `generate_from`: multi-turn agents keep each game's history in the
+    cache, `extend` it with only the new text, and sample from `history + tail` where the tail
+    (e.g. "Valid actions: ... Action: ") is dropped again afterwards, so the cost of a step grows
+    with the new text rather than with the whole prompt.
+
+Shapes are bucketed (`bucket_length`) so a run compiles a handful of programs, not one per
+prompt length. Chunks fed to the cache are right-padded: row b's real tokens come first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_llm.logprobs import token_logprobs
+from jaxrl_llm.model.config import ModelConfig
+from jaxrl_llm.model.llama import KVCache, Transformer, check_tokens
+
+# Bucket widths: powers of two and 1.5x powers of two, so padding wastes at most a third.
+_BUCKETS = tuple(sorted({int(m * 2 ** e) for e in range(4, 16) for m in (1, 1.5)}))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn.
+
+    Attributes:
+      max_new_tokens: tokens sampled per row at most (N).
+      temperature: logits are divided by it before sampling; must be > 0 (use `greedy`).
+      top_k: keep the k most likely tokens (0 = off).
+      top_p: nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off).
+      greedy: take the argmax (temperature, top_k, top_p are then ignored).
+      eos_ids: end-of-sequence ids; a row ends after emitting one.
+      stop_ids: further ids that end a row (e.g. the newline that ends a TextWorld action).
+      pad_id: written after a row has ended.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (set greedy=True for argmax), "
+                             f"got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+
+class GenerationOutput(NamedTuple):
+    """What `generate` returns.
+
+    tokens: `[B, N]` int32 sampled ids, `pad_id` after a row ended.
+    logprobs: `[B, N]` float32 log-prob of each token under the distribution it was drawn from
+      (temperature, top-k and top-p applied; for greedy, the model's own distribution), 0 where
+      `mask` is False. With temperature 1 and no filtering these equal `token_logprobs` of a full
+      forward, which is what the PPO ratio needs.
+    mask: `[B, N]` bool, True up to and including the stop/EOS token.
+    lengths: `[B]` int32, `mask.sum(1)`.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """A batch of token histories in a KV cache: row b holds `lengths[b]` tokens at slots 0..."""
+
+    cache: KVCache
+    lengths: jax.Array  # [B] int32
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch_size: int, max_len: int) -> "DecodeState":
+        if max_len > config.max_seq_len:
+            raise ValueError(f"cache of {max_len} tokens exceeds the model's max_seq_len "
+                             f"{config.max_seq_len}")
+        return cls(cache=KVCache.zeros(config, batch_size, max_len),
+                   lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def bucket_length(n: int) -> int:
+    """The smallest bucket width >= n (16, 24, 32, 48, 64, 96, ...)."""
+    for width in _BUCKETS:
+        if width >= n:
+            return width
+    raise ValueError(f"sequence of {n} tokens is longer than the largest bucket {_BUCKETS[-1]}")
+
+
+def pad_right(sequences: Sequence[Sequence[int]], width: int | None = None,
+              pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> right-padded `([B, W] int32 tokens, [B, W] bool mask)`, W bucketed."""
+    longest = max(len(s) for s in sequences)
+    width = bucket_length(longest) if width is None else width
+    if longest > width:
+        raise ValueError(f"sequence of {longest} tokens does not fit width {width}")
+    tokens = np.full((len(sequences), width), pad_id, np.int32)
+    mask = np.zeros((len(sequences), width), bool)
+    for row, seq in enumerate(sequences):
+        tokens[row, :len(seq)] = seq
+        mask[row, :len(seq)] = True
+    return tokens, mask
+
+
+def sample_logits(logits: jax.Array, key: jax.Array,
+                  sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row.
+
+    Args:
+      logits: `[B, V]` float32.
+      key: PRNG key.
+      sampling: the rule.
+    Returns:
+      `(tokens [B] int32, logprobs [B] float32)`, log-probs of the distribution sampled from.
+    """
+    if sampling.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, token_logprobs(logits[:, None], tokens[:, None])[:, 0]
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        logits = top_p_filter(logits, sampling.top_p)
+    tokens = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return tokens, token_logprobs(logits[:, None], tokens[:, None])[:, 0]
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus filter (Holtzman et al. 2020): `[B, V]` logits with the tail set to -inf.
+
+    Keeps the most likely tokens until their cumulative probability reaches top_p (the token that
+    crosses the threshold is kept, so at least one token always survives).
+    """
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _chunk_attention(lengths: jax.Array, width: int, max_len: int) -> jax.Array:
+    """`[B, T, S]`: chunk token t of row b (at slot lengths[b] + t) sees slots <= its own."""
+    query_slot = lengths[:, None] + jnp.arange(width)[None, :]
+    return jnp.arange(max_len)[None, None, :] <= query_slot[:, :, None]
+
+
+def _feed(model: Transformer, state: DecodeState, tokens: jax.Array):
+    """Write a right-padded chunk `[B, T]` after each row's history; returns hidden, cache."""
+    positions = state.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
+    attn_mask = _chunk_attention(state.lengths, tokens.shape[1], state.cache.max_len)
+    return model.hidden_states(tokens, positions, attn_mask, state.cache)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _extend_jit(graphdef, params, state: DecodeState, tokens, mask):
+    model = nnx.merge(graphdef, params)
+    _, cache = _feed(model, state, tokens)
+    return DecodeState(cache=cache, lengths=state.lengths + mask.sum(1, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
+                  sampling: SamplingConfig, key):
+    model = nnx.merge(graphdef, params)
+    batch = tail.shape[0]
+    n_tail = tail_mask.sum(1, dtype=jnp.int32)
+    hidden, cache = _feed(model, state, tail)
+    last_hidden = jnp.take_along_axis(hidden, (n_tail - 1)[:, None, None], axis=1)[:, 0]
+    stop_ids = jnp.asarray(sampling.eos_ids + sampling.stop_ids, jnp.int32)
+    num_new = sampling.max_new_tokens
+
+    def emit(i, token, logprob, carry):
+        tokens, logprobs, mask, done = carry
+        token = jnp.where(done, sampling.pad_id, token)
+        tokens = tokens.at[:, i].set(token)
+        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logprob))
+        mask = mask.at[:, i].set(~done)
+        return tokens, logprobs, mask, done | jnp.isin(token, stop_ids)
+
+    key, first_key = jax.random.split(key)
+    token, logprob = sample_logits(model.logits(last_hidden), first_key, sampling)
+    out = emit(0, token, logprob, (jnp.zeros((batch, num_new), jnp.int32),
+                                   jnp.zeros((batch, num_new), jnp.float32),
+                                   jnp.zeros((batch, num_new), bool), jnp.zeros((batch,), bool)))
+
+    def cond(carry):
+        i, *_, out = carry
+        return (i < num_new) & ~jnp.all(out[3])
+
+    def body(carry):
+        i, cache, lengths, key, out = carry
+        step_state = DecodeState(cache=cache, lengths=lengths)
+        previous = jax.lax.dynamic_slice_in_dim(out[0], i - 1, 1, axis=1)  # [B, 1]
+        hidden, cache = _feed(model, step_state, previous)
+        key, step_key = jax.random.split(key)
+        token, logprob = sample_logits(model.logits(hidden[:, 0]), step_key, sampling)
+        return i + 1, cache, lengths + 1, key, emit(i, token, logprob, out)
+
+    _, cache, _, _, (tokens, logprobs, mask, _) = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), cache, state.lengths + n_tail, key, out))
+    # The tail and the response are dropped: the history is what it was before the call.
+    output = GenerationOutput(tokens, logprobs, mask, mask.sum(1, dtype=jnp.int32))
+    return output, DecodeState(cache=cache, lengths=state.lengths)
+
+
+def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
+    tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"tokens and mask must both be [B, T], got {tokens.shape} and "
+                         f"{mask.shape}")
+    if tokens.shape[0] != state.lengths.shape[0]:
+        raise ValueError(f"batch of {tokens.shape[0]} rows for a decode state of "
+                         f"{state.lengths.shape[0]} rows")
+    n_real = mask.sum(1)
+    if np.any(mask != (np.arange(mask.shape[1])[None] < n_real[:, None])):
+        raise ValueError("chunks must be right-padded (each row's real tokens first); "
+                         "use jaxrl_llm.generation.pad_right")
+    check_tokens(np.where(mask, tokens, 0), model.config.vocab_size)
+    needed = int(np.max(np.asarray(state.lengths))) + tokens.shape[1] + extra
+    if needed > state.cache.max_len:
+        raise ValueError(f"prompt needs {needed} cache slots but the cache holds "
+                         f"{state.cache.max_len}: use a larger max_len (or shorter history)")
+    return jnp.asarray(tokens), jnp.asarray(mask), n_real
+
+
+def extend(model: Transformer, state: DecodeState, tokens, mask) -> DecodeState:
+    """Append a right-padded chunk `tokens [B, T]` (`mask [B, T]`) to each row's history.
+
+    The input `state` is donated (its buffers are reused): use only the returned state.
+    """
+    tokens, mask, _ = _check_chunk(model, state, tokens, mask)
+    graphdef, params = nnx.split(model)
+    return _extend_jit(graphdef, params, state, tokens, mask)
+
+
+def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask,
+                  key: jax.Array, sampling: SamplingConfig
+                  ) -> tuple[GenerationOutput, DecodeState]:
+    """Sample a response to `history + tail` for every row; the history is left unchanged.
+
+    Args:
+      model: the decoder (LoRA / int8 variants included).
+      state: histories in the cache (donated: use the returned state).
+      tail_tokens: `[B, T]` right-padded per-step tail; every row needs >= 1 real token.
+      tail_mask: `[B, T]` bool.
+      key: PRNG key; the same key gives the same tokens.
+      sampling: the sampling rule (static: one compiled program per distinct config).
+    Returns:
+      `(GenerationOutput, state)` where `state` holds the same histories as the input.
+    """
+    tail_tokens, tail_mask, n_real = _check_chunk(model, state, tail_tokens, tail_mask,
+                                                  extra=sampling.max_new_tokens)
+    if np.any(n_real == 0):
+        raise ValueError(f"rows {np.flatnonzero(n_real == 0).tolist()} have an empty prompt/tail: "
+                         "every row needs at least one token to condition on")
+    graphdef, params = nnx.split(model)
+    return _generate_jit(graphdef, params, state, tail_tokens, tail_mask, sampling, key)
+
+
+def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
+             sampling: SamplingConfig) -> GenerationOutput:
+    """Sample responses for a batch of prompts.
+
+    Args:
+      model: the decoder.
+      prompt_tokens: `[B, P]` ids; padding may be on either side (`prompt_mask` says which).
+      prompt_mask: `[B, P]` bool, True on real tokens (contiguous within a row).
+      key: PRNG key.
+      sampling: the sampling rule.
+    Returns:
+      `GenerationOutput` with `[B, N]` tokens, log-probs and response mask, `N = max_new_tokens`.
+    """
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_tokens and prompt_mask must both be [B, P], got "
+                         f"{prompt_tokens.shape} and {prompt_mask.shape}")
+    rows = [t[m].tolist() for t, m in zip(prompt_tokens, prompt_mask)]
+    if empty := [i for i, r in enumerate(rows) if not r]:
+        raise ValueError(f"rows {empty} have an empty prompt: every row needs at least one token")
+    tokens, mask = pad_right(rows)
+    max_len = bucket_length(tokens.shape[1] + sampling.max_new_tokens)
+    if max_len > model.config.max_seq_len:
+        raise ValueError(f"prompt of {tokens.shape[1]} tokens + {sampling.max_new_tokens} new "
+                         f"tokens is longer than the model's max_seq_len {model.config.max_seq_len}")
+    state = DecodeState.empty(model.config, len(rows), max_len)
+    output, _ = generate_from(model, state, tokens, mask, key, sampling)
+    return output
+
+
+def compile_count() -> int:
+    """Programs compiled so far by `extend` and `generate_from` (for bucket tests and reports)."""
+    return _extend_jit._cache_size() + _generate_jit._cache_size()

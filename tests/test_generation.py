@@ -1,0 +1,205 @@
+"""Generation: cache == no cache, log-probs == a full forward, masking, keys, filters, buckets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrl_llm import generation
+from jaxrl_llm.generation import (DecodeState, SamplingConfig, extend, generate, generate_from,
+                                  pad_right, top_p_filter)
+from jaxrl_llm.logprobs import token_logprobs
+from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+def full_logits(model, tokens):
+    tokens = jnp.asarray(tokens)
+    mask = jnp.ones(tokens.shape, bool)
+    return np.asarray(model(tokens, positions_from_mask(mask), causal_mask(mask))[0])
+
+
+def greedy_reference(model, prompt, num_new):
+    """Greedy decoding by full forwards without a cache, at one right-padded width (causal)."""
+    width = len(prompt) + num_new
+    step = jax.jit(lambda t: model(t, jnp.arange(width)[None], causal_mask(jnp.ones_like(t)))[0])
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    for n in range(len(prompt), width):
+        tokens[0, n] = int(np.argmax(step(jnp.asarray(tokens))[0, n - 1]))
+    return tokens[0, len(prompt):]
+
+
+def random_prompts(lengths, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def test_greedy_equals_no_cache_loop(model):
+    prompts = random_prompts([9, 4, 15], model.config.vocab_size)
+    tokens, mask = pad_right(prompts)
+    out = generate(model, tokens, mask, jax.random.key(0), SamplingConfig(8, greedy=True))
+    for row, prompt in enumerate(prompts):
+        np.testing.assert_array_equal(np.asarray(out.tokens[row]), greedy_reference(model, prompt, 8))
+    assert np.all(np.asarray(out.mask)) and np.all(np.asarray(out.lengths) == 8)
+
+
+def test_sampled_logprobs_equal_full_forward(model):
+    prompts = random_prompts([6, 11], model.config.vocab_size, seed=1)
+    tokens, mask = pad_right(prompts)
+    out = generate(model, tokens, mask, jax.random.key(3), SamplingConfig(10))
+    for row, prompt in enumerate(prompts):
+        seq = prompt + np.asarray(out.tokens[row]).tolist()
+        logits = full_logits(model, [seq])[:, len(prompt) - 1:-1]
+        ref = token_logprobs(jnp.asarray(logits), jnp.asarray([seq[len(prompt):]]))
+        np.testing.assert_allclose(np.asarray(out.logprobs[row]), np.asarray(ref[0]), atol=1e-4)
+
+
+def test_temperature_logprobs_are_of_the_scaled_distribution(model):
+    tokens, mask = pad_right(random_prompts([7], model.config.vocab_size, seed=2))
+    out = generate(model, tokens, mask, jax.random.key(0), SamplingConfig(1, temperature=0.5))
+    logits = full_logits(model, tokens[:, :7])[:, -1:]
+    ref = token_logprobs(jnp.asarray(logits) / 0.5, out.tokens[:, :1])
+    np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.asarray(ref[:, 0]), atol=1e-5)
+
+
+def test_tokens_after_stop_are_masked(model):
+    tokens, mask = pad_right(random_prompts([5, 8, 3, 6], model.config.vocab_size, seed=4))
+    # Half the vocabulary stops a row, so rows end at different steps.
+    stop = tuple(range(0, model.config.vocab_size, 2))
+    sampling = SamplingConfig(12, stop_ids=stop, pad_id=0)
+    out = jax.tree.map(np.asarray, generate(model, tokens, mask, jax.random.key(5), sampling))
+    for row in range(4):
+        n = out.lengths[row]
+        assert out.mask[row, :n].all() and not out.mask[row, n:].any()
+        if n < 12:
+            assert out.tokens[row, n - 1] in stop
+        assert not np.isin(out.tokens[row, :n - 1], stop).any()
+        assert (out.tokens[row, n:] == 0).all() and (out.logprobs[row, n:] == 0).all()
+    assert len(set(out.lengths.tolist())) > 1
+
+
+def test_same_key_same_tokens_different_keys_differ(model):
+    tokens, mask = pad_right(random_prompts([5, 9], model.config.vocab_size, seed=6))
+    sample = lambda k: np.asarray(generate(model, tokens, mask, jax.random.key(k),
+                                           SamplingConfig(16)).tokens)
+    np.testing.assert_array_equal(sample(1), sample(1))
+    assert not np.array_equal(sample(1), sample(2))
+
+
+def test_top_k_1_equals_greedy(model):
+    tokens, mask = pad_right(random_prompts([5, 9], model.config.vocab_size, seed=7))
+    greedy = generate(model, tokens, mask, jax.random.key(0), SamplingConfig(8, greedy=True))
+    top1 = generate(model, tokens, mask, jax.random.key(9), SamplingConfig(8, top_k=1))
+    np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(top1.tokens))
+    np.testing.assert_allclose(np.asarray(top1.logprobs), 0.0, atol=1e-6)  # one token left
+
+
+def test_top_p_filter_matches_numpy():
+    logits = np.random.default_rng(0).normal(size=(5, 50)).astype(np.float32) * 3
+    for top_p in (0.1, 0.5, 0.9, 1.0):
+        ours = np.asarray(top_p_filter(jnp.asarray(logits), top_p))
+        for row in range(5):
+            probs = np.exp(logits[row] - logits[row].max())
+            probs /= probs.sum()
+            keep, mass = set(), 0.0
+            for idx in np.argsort(-probs):
+                keep.add(idx)
+                mass += probs[idx]
+                if mass >= top_p:
+                    break
+            assert set(np.flatnonzero(np.isfinite(ours[row]))) == keep
+            np.testing.assert_array_equal(ours[row][list(keep)], logits[row][list(keep)])
+
+
+def test_incremental_prefill_equals_full_prefill(model):
+    vocab = model.config.vocab_size
+    turns = [random_prompts([7, 3], vocab, seed=10), random_prompts([2, 9], vocab, seed=11),
+             random_prompts([5, 5], vocab, seed=12)]
+    tail = random_prompts([4, 2], vocab, seed=13)
+    sampling = SamplingConfig(6, temperature=0.8)
+    state = DecodeState.empty(model.config, 2, 64)
+    for chunk in turns:
+        state = extend(model, state, *pad_right(chunk))
+    incremental, state = generate_from(model, state, *pad_right(tail), jax.random.key(4), sampling)
+    full_rows = [sum((turn[row] for turn in turns), []) + tail[row] for row in range(2)]
+    full = generate(model, *pad_right(full_rows), jax.random.key(4), sampling)
+    np.testing.assert_array_equal(np.asarray(incremental.tokens), np.asarray(full.tokens))
+    np.testing.assert_allclose(np.asarray(incremental.logprobs), np.asarray(full.logprobs),
+                               atol=1e-5)
+    # The tail was dropped: the same call again gives the same answer.
+    again, _ = generate_from(model, state, *pad_right(tail), jax.random.key(4), sampling)
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(full.tokens))
+
+
+def test_left_padding_in_generate(model):
+    prompts = random_prompts([3, 10], model.config.vocab_size, seed=14)
+    tokens = np.zeros((2, 10), np.int32)
+    mask = np.zeros((2, 10), bool)
+    tokens[0, 7:], mask[0, 7:] = prompts[0], True
+    tokens[1], mask[1] = prompts[1], True
+    left = generate(model, tokens, mask, jax.random.key(0), SamplingConfig(5, greedy=True))
+    right = generate(model, *pad_right(prompts), jax.random.key(0), SamplingConfig(5, greedy=True))
+    np.testing.assert_array_equal(np.asarray(left.tokens), np.asarray(right.tokens))
+
+
+def test_bucketing_bounds_compiles(model):
+    sampling = SamplingConfig(4, greedy=True, eos_ids=(1,))
+    before = generation.compile_count()
+    for n in (17, 20, 23, 24):  # one bucket: 24-wide prompt, one 32-slot cache
+        tokens, mask = pad_right(random_prompts([n, n - 5], model.config.vocab_size, seed=n))
+        generate(model, tokens, mask, jax.random.key(n), sampling)
+    assert generation.compile_count() - before == 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=-1.0), "temperature must be > 0"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+])
+def test_bad_sampling_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_prompts(model):
+    tokens, mask = pad_right([[5, 6], [7]])
+    mask[1] = False
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, tokens, mask, jax.random.key(0), SamplingConfig(2))
+    state = DecodeState.empty(model.config, 1, 16)
+    with pytest.raises(ValueError, match="cache holds 16"):
+        generate_from(model, state, *pad_right([[3] * 14]), jax.random.key(0), SamplingConfig(4))
+    long_prompt = [[3] * model.config.max_seq_len]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, *pad_right(long_prompt), jax.random.key(0), SamplingConfig(4))
+    with pytest.raises(ValueError, match="right-padded"):
+        extend(model, DecodeState.empty(model.config, 1, 16), np.array([[0, 5]]),
+               np.array([[False, True]]))
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_equals_transformers(smollm2, smollm2_torch):
+    import torch
+
+    from tests.test_model import TEXTWORLD_PROMPT
+
+    _, model, tokenizer = smollm2
+    texts = [TEXTWORLD_PROMPT, "The capital of France is", "def add(a, b):\n    return"]
+    prompts = [tokenizer(t).input_ids for t in texts]
+    sampling = SamplingConfig(32, greedy=True, eos_ids=(tokenizer.eos_token_id,))
+    out = generate(model, *pad_right(prompts), jax.random.key(0), sampling)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = smollm2_torch.generate(torch.tensor([prompt]), max_new_tokens=32,
+                                         do_sample=False, attention_mask=torch.ones(1, len(prompt),
+                                                                                    dtype=torch.long))
+        ours = np.asarray(out.tokens[row, :out.lengths[row]])
+        np.testing.assert_array_equal(ours, ref[0, len(prompt):].numpy())
