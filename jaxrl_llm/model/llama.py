@@ -182,6 +182,28 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def _run_block(block: Block, x, positions, attn_mask, kv):
+    return block(x, positions, attn_mask, kv)
+
+
+def _run_block_remat(block: Block, x, positions, attn_mask, kv):
+    """`_run_block` whose activations are recomputed in the backward pass (jax.checkpoint).
+
+    The block is split into pure state so that the checkpointed function has no side effects;
+    its RNG state (LoRA dropout) is carried out and written back.
+    """
+    graphdef, state = nnx.split(block)
+
+    @jax.checkpoint
+    def run(state, x, positions, attn_mask, kv):
+        block = nnx.merge(graphdef, state)
+        return block(x, positions, attn_mask, kv), nnx.state(block, nnx.RngState)
+
+    out, rng_state = run(state, x, positions, attn_mask, kv)
+    nnx.update(block, rng_state)
+    return out
+
+
 class Transformer(nnx.Module):
     """The decoder. `__call__` returns `(logits [B, T, V] float32, hidden [B, T, D], cache)`."""
 
@@ -195,7 +217,8 @@ class Transformer(nnx.Module):
                         Linear(config.d_model, config.vocab_size, param_dtype=pd, rngs=rngs))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, *, remat: bool = False
+                      ) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states `[B, T, D]` and the updated cache.
 
         Args:
@@ -206,14 +229,17 @@ class Transformer(nnx.Module):
           cache: optional `KVCache`; row b's new keys/values are written at slots
             `[positions[b, 0], positions[b, 0] + T)` (positions of a chunk must be contiguous,
             and the caller checks that they fit: XLA clamps out-of-range writes).
+          remat: recompute each block's activations in the backward pass (`jax.checkpoint`), trading
+            compute for memory when training on long prompts.
         """
         if not isinstance(tokens, jax.core.Tracer):  # concrete input: check before any work
             check_tokens(tokens, self.config.vocab_size)
         x = self.embed_tokens(tokens, self.config.jnp_dtype)
+        run = _run_block_remat if remat else _run_block
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(x, positions, attn_mask, kv)
+            x, (k, v) = run(layer, x, positions, attn_mask, kv)
             new_keys.append(k)
             new_values.append(v)
         if cache is not None:
@@ -228,6 +254,13 @@ class Transformer(nnx.Module):
     def __call__(self, tokens, positions, attn_mask, cache=None):
         hidden, cache = self.hidden_states(tokens, positions, attn_mask, cache)
         return self.logits(hidden), hidden, cache
+
+
+def get_submodule(module: nnx.Module, dotted: str):
+    """`get_submodule(model, "layers.3.self_attn.q_proj")`: attribute / list-index walk."""
+    for part in dotted.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
 
 
 def check_tokens(tokens, vocab_size: int) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_llm.model.config import ModelConfig
-from jaxrl_llm.model.llama import Transformer
+from jaxrl_llm.model.llama import Transformer, get_submodule
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHITECTURES = ("llama",)
@@ -70,8 +70,11 @@ def default_model_path() -> str:
     return str(path)
 
 
+QUANTIZE_MODES = (None, "int8", "int8-all")
+
+
 def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: str | None = None,
-               max_seq_len: int | None = None):
+               max_seq_len: int | None = None, quantize: str | None = None):
     """Load `(config, model, tokenizer)` from a GGUF file or a Hugging Face directory.
 
     Args:
@@ -80,9 +83,13 @@ def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: 
       param_dtype: storage dtype of the float weights ("float32" or "bfloat16").
       dtype: compute dtype (defaults to `param_dtype`).
       max_seq_len: override the context length recorded in the file.
+      quantize: None (float weights), "int8" (int8 linear layers, float embedding) or
+        "int8-all" (the embedding / tied LM head too); see `jaxrl_llm.model.quant`.
     Returns:
       `(ModelConfig, Transformer, tokenizer)`; the tokenizer pads on the left.
     """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     path = default_model_path() if path is None else os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist: pass a .gguf file or a "
@@ -99,7 +106,12 @@ def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: 
     else:
         raise ValueError(f"cannot load {path!r}: expected a .gguf file or a directory with "
                          "config.json and *.safetensors")
-    return config, build_model(config, weights), tokenizer
+    model = build_model(config, weights)
+    if quantize:
+        from jaxrl_llm.model.quant import quantize_model
+
+        model = quantize_model(model, embeddings=quantize == "int8-all")
+    return config, model, tokenizer
 
 
 def build_model(config: ModelConfig, weights: dict[str, np.ndarray]) -> Transformer:
@@ -112,19 +124,13 @@ def build_model(config: ModelConfig, weights: dict[str, np.ndarray]) -> Transfor
     if missing := sorted(expected - set(weights)):
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     for name in expected:
-        variable = _resolve(model, name)
+        variable = get_submodule(model, name)
         value = weights[name]
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(f"tensor {name} has shape {value.shape}, config expects "
                              f"{variable.shape}")
         variable.set_value(jnp.asarray(value, config.jnp_param_dtype))
     return model
-
-
-def _resolve(module, dotted: str):
-    for part in dotted.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
 
 
 def _tokenizer(directory: str, gguf_file: str | None = None):
@@ -238,7 +244,7 @@ def save_hf_dir(path: str, config: ModelConfig, model: Transformer, model_type: 
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for ours, (hf_name, _) in param_names(config).items():
-        value = np.asarray(jax.device_get(_resolve(model, ours)[...]), np.float32)
+        value = np.asarray(jax.device_get(get_submodule(model, ours)[...]), np.float32)
         tensors[hf_name] = np.ascontiguousarray(value.T if ours.endswith(".kernel") else value)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     hf = dict(

@@ -1,0 +1,132 @@
+"""LoRA (Hu et al. 2021) over any frozen linear layer, float or int8.
+
+`y = base(x) + (alpha / r) * dropout(x) @ A @ B`, A `[in, r]` random, B `[r, out]` zero, so a fresh
+adapter leaves the model's function unchanged. A and B are `nnx.LoRAParam`: `TRAINABLE` (LoRA and
+value head) is the one filter used for the optimizer (`wrt=`), the gradient and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_llm.model.llama import Linear, Transformer, get_submodule
+from jaxrl_llm.model.quant import Int8Linear
+from jaxrl_llm.model.value_head import ValueParam
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINABLE = nnx.Any(nnx.LoRAParam, ValueParam)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which layers get adapters and how big they are (defaults: notebook 000's r=4, alpha=32).
+
+    Attributes:
+      rank: r, the adapter's inner width.
+      alpha: scaling numerator; the update is multiplied by alpha / rank.
+      dropout: dropout rate on the adapter's input (0 for RL: PPO ratios need a deterministic
+        policy).
+      targets: attribute names of the linear layers to adapt (default: all of attention + MLP).
+    """
+
+    rank: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ALL_LINEAR
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if unknown := sorted(set(self.targets) - set(ALL_LINEAR)):
+            raise ValueError(f"unknown LoRA target module(s) {unknown}; choose from "
+                             f"{', '.join(ALL_LINEAR)}")
+        if not self.targets:
+            raise ValueError("LoraConfig.targets is empty: name at least one module")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nnx.Module):
+    """A frozen `base` linear layer plus a trainable low-rank update."""
+
+    def __init__(self, base: Linear | Int8Linear, config: LoraConfig, *, rngs: nnx.Rngs):
+        self.base = base
+        self.scaling = config.scaling
+        fan_in, fan_out = base.in_features, base.out_features
+        # A ~ Kaiming-uniform as in PEFT; B = 0 so the adapted model starts equal to the base.
+        bound = 1.0 / math.sqrt(fan_in)
+        self.lora_a = nnx.LoRAParam(
+            jax.random.uniform(rngs.params(), (fan_in, config.rank), jnp.float32, -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, fan_out), jnp.float32))
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout else None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x if self.dropout is None else self.dropout(x)
+        update = (h @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)
+        return self.base(x) + self.scaling * update
+
+    def delta_kernel(self) -> jax.Array:
+        """`[in, out]` float32 `scaling * A @ B`."""
+        return self.scaling * (self.lora_a[...] @ self.lora_b[...])
+
+
+def apply_lora(model: Transformer, config: LoraConfig, rngs: nnx.Rngs) -> Transformer:
+    """Wrap every targeted linear layer of `model` (in place) in a `LoRALinear`; returns it."""
+    count = 0
+    for _, module in list(nnx.iter_modules(model)):
+        for name in config.targets:
+            child = getattr(module, name, None)
+            if isinstance(child, (Linear, Int8Linear)):
+                setattr(module, name, LoRALinear(child, config, rngs=rngs))
+                count += 1
+    if count == 0:
+        raise ValueError(f"no linear layer named {config.targets} found in the model")
+    return model
+
+
+def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
+    """Dotted module path (e.g. `layers.3.self_attn.q_proj`) -> its `LoRALinear`."""
+    return {".".join(map(str, path)): module for path, module in nnx.iter_modules(model)
+            if isinstance(module, LoRALinear)}
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into a float kernel (in place): `W = base + scaling * A @ B`.
+
+    Int8 bases are dequantized, so the merged model is a plain float `Transformer` that can be
+    saved with `loading.save_hf_dir` and loaded by any Llama implementation.
+    """
+    dtype = model.config.jnp_param_dtype
+    for path, layer in lora_layers(model).items():
+        parent_path, name = path.rsplit(".", 1)
+        parent = get_submodule(model, parent_path)
+        base = layer.base
+        kernel = (base.dequantized_kernel() if isinstance(base, Int8Linear)
+                  else base.kernel[...].astype(jnp.float32)) + layer.delta_kernel()
+        merged = Linear(base.in_features, base.out_features, use_bias=base.bias is not None,
+                        param_dtype=dtype, rngs=nnx.Rngs(0))
+        merged.kernel[...] = kernel.astype(dtype)
+        if base.bias is not None:
+            merged.bias[...] = base.bias[...].astype(dtype)
+        setattr(parent, name, merged)
+    return model

@@ -1,0 +1,145 @@
+"""One jitted, donated optimizer step over the trainable parameters (LoRA + value head).
+
+The model is split once into `(graphdef, trainable, rng, frozen)`: gradients and optimizer state
+exist only for `trainable` (the `lora.TRAINABLE` filter), so the frozen (int8) base costs no
+optimizer memory. A batch is a pytree whose leaves have a leading micro-batch axis `[M, b, ...]`;
+the step scans over micro-batches, summing gradients of *summed* losses, and divides by the total
+count at the end, so the update is the true token mean of the whole batch whatever M is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrl_llm.model.lora import TRAINABLE
+
+# loss_fn(model, micro_batch) -> (loss_sum, count, metric_sums): the loss to minimise summed over
+# the micro-batch's tokens (or sequences), how many there were, and sums of metrics to report
+# (each reported as sum / count over the whole batch; include the loss itself to see it).
+LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and linear warmup/decay.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      weight_decay: decoupled weight decay (AdamW).
+      max_grad_norm: clip the global gradient norm (0 = off).
+      warmup_steps: linear warmup from 0 to the peak.
+      total_steps: if > 0, linear decay to 0 at this step (notebook 000's linear schedule).
+    """
+
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 0
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0, got "
+                             f"{self.weight_decay} and {self.max_grad_norm}")
+        if self.warmup_steps < 0 or self.total_steps < 0:
+            raise ValueError("warmup_steps and total_steps must be >= 0")
+        if self.total_steps and self.warmup_steps >= self.total_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < total_steps "
+                             f"({self.total_steps})")
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    if config.total_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
+             optax.linear_schedule(config.learning_rate, 0.0,
+                                   config.total_steps - config.warmup_steps)],
+            [config.warmup_steps])
+    elif config.warmup_steps:
+        schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    else:
+        schedule = config.learning_rate
+    chain = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
+    return optax.chain(*chain, optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes: adapters (+ value head), optimizer state, dropout RNG."""
+
+    trainable: nnx.State
+    opt_state: optax.OptState
+    rng: nnx.State
+    step: jax.Array
+
+
+class Trainer:
+    """Holds the static parts (graphdef, frozen base, optimizer, loss); the state is explicit.
+
+    Usage:
+      trainer = Trainer(model, make_optimizer(cfg), loss_fn)
+      state = trainer.init()
+      state, metrics = trainer.step(state, micro_batches)   # state is donated
+      model = trainer.model(state)                           # for sampling / eval
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation,
+                 loss_fn: LossFn):
+        self.graphdef, self._trainable, self._rng, self.frozen = nnx.split(
+            model, TRAINABLE, nnx.RngState, ...)
+        if not jax.tree.leaves(self._trainable):
+            raise ValueError("the model has no trainable parameters: attach LoRA adapters "
+                             "(model.lora.apply_lora) or a value head first")
+        self.optimizer = optimizer
+        self._step = jax.jit(functools.partial(_train_step, self.graphdef, optimizer, loss_fn),
+                             donate_argnums=0)
+
+    def init(self) -> TrainState:
+        return TrainState(self._trainable, self.optimizer.init(self._trainable), self._rng,
+                          jnp.zeros((), jnp.int32))
+
+    def step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update from `batch` (leaves `[M, b, ...]`); returns new state, metrics."""
+        return self._step(state, self.frozen, batch)
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The full model with `state`'s adapters (shares the frozen base's arrays)."""
+        return nnx.merge(self.graphdef, state.trainable, state.rng, self.frozen)
+
+
+def _train_step(graphdef, optimizer, loss_fn, state: TrainState, frozen, batch):
+    def micro_loss(trainable, rng, micro):
+        model = nnx.merge(graphdef, trainable, rng, frozen)
+        loss_sum, count, metric_sums = loss_fn(model, micro)
+        return loss_sum, (count, metric_sums, nnx.state(model, nnx.RngState))
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, rng, count, metric_sums = carry
+        micro_grads, (micro_count, micro_metrics, rng) = grad_fn(state.trainable, rng, micro)
+        grads = jax.tree.map(jnp.add, grads, micro_grads)
+        metric_sums = jax.tree.map(jnp.add, metric_sums, micro_metrics)
+        return (grads, rng, count + micro_count, metric_sums), None
+
+    # Metric names/shapes come from tracing the loss once on the first micro-batch.
+    first = jax.tree.map(lambda x: x[0], batch)
+    metric_shapes = jax.eval_shape(lambda: micro_loss(state.trainable, state.rng, first)[1][1])
+    carry = (jax.tree.map(jnp.zeros_like, state.trainable), state.rng, jnp.float32(0),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
+    (grads, rng, count, metric_sums), _ = jax.lax.scan(accumulate, carry, batch)
+    count = jnp.maximum(count, 1.0)  # an all-padding batch gives zero grads, not NaN
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {name: value / count for name, value in metric_sums.items()}
+    metrics.update(grad_norm=optax.global_norm(grads), tokens=count)
+    return TrainState(trainable, opt_state, rng, state.step + 1), metrics
