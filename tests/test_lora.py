@@ -169,3 +169,24 @@ def test_bad_lora_config(kwargs, message):
 def test_trainer_without_adapters_errors():
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(tiny(), make_optimizer(OptimConfig()), next_token_loss)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_real_model_int8_quality(smollm2, embeddings):
+    """KL(float || int8) of next-token distributions on a TextWorld prompt.
+
+    Measured: mean 0.0029 nats/token (linear layers) and 0.0042 (embedding too), greedy agreement
+    98.9% / 98.0% over 352 positions. The bound, 0.01 nats, leaves ~3x headroom for platform
+    differences; a real bug (e.g. the scale on the wrong axis) costs whole nats.
+    """
+    from tests.test_model import TEXTWORLD_PROMPT
+
+    _, model, tokenizer = smollm2
+    tokens = tokenizer(TEXTWORLD_PROMPT, return_tensors="np").input_ids
+    quantized = quantize_model(nnx.clone(model), embeddings=embeddings)
+    logp_float = jax.nn.log_softmax(logits_of(model, tokens)[0])
+    logp_int8 = jax.nn.log_softmax(logits_of(quantized, tokens)[0])
+    kl = np.sum(np.exp(logp_float) * (logp_float - logp_int8), axis=-1)
+    assert float(kl.mean()) < 0.01
+    assert np.mean(logp_float.argmax(-1) == logp_int8.argmax(-1)) > 0.95
