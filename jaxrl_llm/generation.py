@@ -166,33 +166,31 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def _chunk_attention(lengths: jax.Array, width: int, max_len: int) -> jax.Array:
-    """`[B, T, S]`: chunk token t of row b (at slot lengths[b] + t) sees slots <= its own."""
-    query_slot = lengths[:, None] + jnp.arange(width)[None, :]
-    return jnp.arange(max_len)[None, None, :] <= query_slot[:, :, None]
+def _feed(model: Transformer, state: DecodeState, tokens: jax.Array, key_width: int):
+    """Write a right-padded chunk `[B, T]` after each row's history; returns hidden, cache.
 
-
-def _feed(model: Transformer, state: DecodeState, tokens: jax.Array):
-    """Write a right-padded chunk `[B, T]` after each row's history; returns hidden, cache."""
+    Chunk token t of row b sits at slot lengths[b] + t and sees the slots up to its own. Only
+    the first `key_width` (static) slots are read: every filled slot must lie below it.
+    """
     positions = state.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
-    attn_mask = _chunk_attention(state.lengths, tokens.shape[1], state.cache.max_len)
+    attn_mask = jnp.arange(key_width)[None, None, :] <= positions[:, :, None]
     return model.hidden_states(tokens, positions, attn_mask, state.cache)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _extend_jit(graphdef, params, state: DecodeState, tokens, mask):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def _extend_jit(graphdef, params, state: DecodeState, tokens, mask, key_width: int):
     model = nnx.merge(graphdef, params)
-    _, cache = _feed(model, state, tokens)
+    _, cache = _feed(model, state, tokens, key_width)
     return DecodeState(cache=cache, lengths=state.lengths + mask.sum(1, dtype=jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 5, 7, 8), donate_argnums=2)
 def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
-                  sampling: SamplingConfig, key):
+                  sampling: SamplingConfig, key, prefill_width: int, key_width: int):
     model = nnx.merge(graphdef, params)
     batch = tail.shape[0]
     n_tail = tail_mask.sum(1, dtype=jnp.int32)
-    hidden, cache = _feed(model, state, tail)
+    hidden, cache = _feed(model, state, tail, prefill_width)
     last_hidden = jnp.take_along_axis(hidden, (n_tail - 1)[:, None, None], axis=1)[:, 0]
     stop_ids = jnp.asarray(sampling.eos_ids + sampling.stop_ids, jnp.int32)
     num_new = sampling.max_new_tokens
@@ -219,7 +217,7 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
         i, cache, lengths, key, out = carry
         step_state = DecodeState(cache=cache, lengths=lengths)
         previous = jax.lax.dynamic_slice_in_dim(out[0], i - 1, 1, axis=1)  # [B, 1]
-        hidden, cache = _feed(model, step_state, previous)
+        hidden, cache = _feed(model, step_state, previous, key_width)
         key, step_key = jax.random.split(key)
         token, logprob = sample_logits(model.logits(hidden[:, 0]), step_key, sampling)
         return i + 1, cache, lengths + 1, key, emit(i, token, logprob, out)
@@ -232,6 +230,8 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
 
 
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
+    """Validate a right-padded chunk; returns it as arrays with its real lengths and the static
+    key widths to attend over while prefilling it and while decoding `extra` tokens after it."""
     tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
     if tokens.ndim != 2 or tokens.shape != mask.shape:
         raise ValueError(f"tokens and mask must both be [B, T], got {tokens.shape} and "
@@ -244,11 +244,15 @@ def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: in
         raise ValueError("chunks must be right-padded (each row's real tokens first); "
                          "use jaxrl_llm.generation.pad_right")
     check_tokens(np.where(mask, tokens, 0), model.config.vocab_size)
-    needed = int(np.max(np.asarray(state.lengths))) + tokens.shape[1] + extra
-    if needed > state.cache.max_len:
-        raise ValueError(f"prompt needs {needed} cache slots but the cache holds "
-                         f"{state.cache.max_len}: use a larger max_len (or shorter history)")
-    return jnp.asarray(tokens), jnp.asarray(mask), n_real
+    used = int(np.max(np.asarray(state.lengths))) + tokens.shape[1]
+    max_len = state.cache.max_len
+    if used + extra > max_len:
+        raise ValueError(f"prompt needs {used + extra} cache slots but the cache holds "
+                         f"{max_len}: use a larger max_len (or shorter history)")
+    # Attend to a bucketed filled prefix, not the whole cache: a long-lived multi-turn cache is
+    # mostly empty, and reading it would cost as much as the new tokens themselves.
+    widths = (min(bucket_length(used), max_len), min(bucket_length(used + extra), max_len))
+    return jnp.asarray(tokens), jnp.asarray(mask), n_real, widths
 
 
 def extend(model: Transformer, state: DecodeState, tokens, mask) -> DecodeState:
@@ -256,9 +260,9 @@ def extend(model: Transformer, state: DecodeState, tokens, mask) -> DecodeState:
 
     The input `state` is donated (its buffers are reused): use only the returned state.
     """
-    tokens, mask, _ = _check_chunk(model, state, tokens, mask)
+    tokens, mask, _, (key_width, _) = _check_chunk(model, state, tokens, mask)
     graphdef, params = nnx.split(model)
-    return _extend_jit(graphdef, params, state, tokens, mask)
+    return _extend_jit(graphdef, params, state, tokens, mask, key_width)
 
 
 def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask,
@@ -276,13 +280,14 @@ def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask
     Returns:
       `(GenerationOutput, state)` where `state` holds the same histories as the input.
     """
-    tail_tokens, tail_mask, n_real = _check_chunk(model, state, tail_tokens, tail_mask,
-                                                  extra=sampling.max_new_tokens)
+    tail_tokens, tail_mask, n_real, (prefill_width, key_width) = _check_chunk(
+        model, state, tail_tokens, tail_mask, extra=sampling.max_new_tokens)
     if np.any(n_real == 0):
         raise ValueError(f"rows {np.flatnonzero(n_real == 0).tolist()} have an empty prompt/tail: "
                          "every row needs at least one token to condition on")
     graphdef, params = nnx.split(model)
-    return _generate_jit(graphdef, params, state, tail_tokens, tail_mask, sampling, key)
+    return _generate_jit(graphdef, params, state, tail_tokens, tail_mask, sampling, key,
+                         prefill_width, key_width)
 
 
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,

@@ -125,6 +125,30 @@ def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(write)(cache, new.astype(cache.dtype), start)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention.
+
+    Args:
+      q: `[B, T, H, Dh]` queries; k, v: `[B, S, KVH, Dh]`, KVH divides H.
+      attn_mask: `[B, T, S]` bool, True where query t may attend to key s.
+    Returns:
+      `[B, T, H, Dh]` in q's dtype (scores and softmax in float32).
+    """
+    b, t, h, hd = q.shape
+    kvh, groups = k.shape[2], h // k.shape[2]
+    # Heads sharing a KV head are stacked along the query axis: [B, KVH, G*T, Dh]. With batch
+    # and head dims leading, XLA's CPU dot kernels run ~30% faster than a 5-d einsum.
+    q = q.reshape(b, t, kvh, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3).astype(q.dtype)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+    scores = scores.reshape(b, kvh, groups, t, -1)
+    scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, groups * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, KVH, G*T, Dh]
+    return out.reshape(b, kvh, groups, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -140,18 +164,13 @@ class Attention(nnx.Module):
         cfg = self.config
         b, t, _ = x.shape
         kvh, hd = cfg.num_kv_heads, cfg.head_dim_
-        groups = cfg.num_heads // kvh
         q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, cfg.rope_theta)
         k = rope(self.k_proj(x).reshape(b, t, kvh, hd), positions, cfg.rope_theta)
         v = self.v_proj(x).reshape(b, t, kvh, hd)
         if kv is not None:
             k, v = _write_rows(kv[0], k, positions[:, 0]), _write_rows(kv[1], v, positions[:, 0])
-        q = q.reshape(b, t, kvh, groups, hd)  # query heads grouped by the KV head they share
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-        scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype))
+        width = attn_mask.shape[-1]  # callers may restrict attention to the filled cache prefix
+        out = attention(q, k[:, :width], v[:, :width], attn_mask)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), (k, v)
 
 
@@ -225,7 +244,8 @@ class Transformer(nnx.Module):
           tokens: `[B, T]` int token ids.
           positions: `[B, T]` int RoPE positions of the tokens.
           attn_mask: `[B, T, S]` bool, True where token t may attend to key s; S = T without a
-            cache, S = cache.max_len with one.
+            cache; with one, S <= cache.max_len and only the first S slots are read (so a
+            prefill into an emptier cache need not touch its empty tail).
           cache: optional `KVCache`; row b's new keys/values are written at slots
             `[positions[b, 0], positions[b, 0] + T)` (positions of a chunk must be contiguous,
             and the caller checks that they fit: XLA clamps out-of-range writes).
