@@ -126,6 +126,13 @@ def pad_right(sequences: Sequence[Sequence[int]], width: int | None = None,
     return tokens, mask
 
 
+def pad_left(sequences: Sequence[Sequence[int]], width: int | None = None,
+             pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> left-padded `([B, W] int32, [B, W] bool)`: every row ends at column W-1."""
+    tokens, mask = pad_right([list(reversed(s)) for s in sequences], width, pad_id)
+    return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
+
+
 def sample_logits(logits: jax.Array, key: jax.Array,
                   sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row.
