@@ -236,6 +236,36 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=2)
+def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, candidates,
+               candidate_mask, prefill_width: int, key_width: int):
+    model = nnx.merge(graphdef, params)
+    batch, num_candidates, width = candidates.shape
+    n_tail = tail_mask.sum(1, dtype=jnp.int32)
+    hidden, cache = _feed(model, state, tail, prefill_width)
+    last_tail = jnp.take_along_axis(hidden, (n_tail - 1)[:, None, None], axis=1)  # [B, 1, D]
+    history = state.lengths + n_tail
+    # All candidates go in one chunk after the history, candidate c at slots
+    # history + c*L + j, but with RoPE positions history + j: each is scored as if it were the
+    # only continuation. Query (c, j) sees the history and tokens 0..j of its own candidate.
+    offset = jnp.tile(jnp.arange(width), num_candidates)  # [C*L]
+    start = jnp.repeat(jnp.arange(num_candidates) * width, width)  # [C*L]
+    relative = jnp.arange(key_width)[None, None, :] - history[:, None, None]  # [B, 1, S]
+    own = (relative >= start[None, :, None]) & (relative <= (start + offset)[None, :, None])
+    attn_mask = (relative < 0) | own
+    positions = history[:, None] + offset[None, :]
+    flat = candidates.reshape(batch, num_candidates * width)
+    cand_hidden, cache = model.hidden_states(
+        flat, positions, attn_mask, cache)
+    cand_hidden = cand_hidden.reshape(batch, num_candidates, width, -1)
+    # Token 0 of every candidate is predicted by the last tail token, token j by token j-1.
+    first = jnp.broadcast_to(last_tail[:, None], (batch, num_candidates, 1, hidden.shape[-1]))
+    predicting = jnp.concatenate([first, cand_hidden[:, :, :-1]], axis=2)
+    logprobs = token_logprobs(model.logits(predicting), candidates)
+    scores = jnp.sum(logprobs * candidate_mask, axis=-1)
+    return scores, DecodeState(cache=cache, lengths=state.lengths)
+
+
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
     """Validate a right-padded chunk; returns it as arrays with its real lengths and the static
     key widths to attend over while prefilling it and while decoding `extra` tokens after it."""
@@ -297,6 +327,37 @@ def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask
                          prefill_width, key_width)
 
 
+def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tail_mask,
+                        candidates, candidate_mask) -> tuple[jax.Array, DecodeState]:
+    """Summed log-prob of each candidate continuation of `history + tail`, one forward pass.
+
+    This is how an agent picks among valid actions: every candidate is scored against the
+    cached history without copying the cache per candidate.
+
+    Args:
+      model: the decoder.
+      state: histories in the cache (donated: use the returned state, which is unchanged).
+      tail_tokens: `[B, T]` right-padded tail (>= 1 real token per row); tail_mask `[B, T]`.
+      candidates: `[B, C, L]` right-padded candidate token ids (e.g. " take knife" + EOS).
+      candidate_mask: `[B, C, L]` bool; an all-False candidate scores 0 (mask it out after).
+    Returns:
+      `(scores [B, C] float32, state)`.
+    """
+    candidates, candidate_mask = np.asarray(candidates), np.asarray(candidate_mask, bool)
+    if candidates.ndim != 3 or candidates.shape != candidate_mask.shape:
+        raise ValueError(f"candidates and candidate_mask must both be [B, C, L], got "
+                         f"{candidates.shape} and {candidate_mask.shape}")
+    check_tokens(np.where(candidate_mask, candidates, 0), model.config.vocab_size)
+    extra = candidates.shape[1] * candidates.shape[2]
+    tail_tokens, tail_mask, n_real, (prefill_width, key_width) = _check_chunk(
+        model, state, tail_tokens, tail_mask, extra=extra)
+    if np.any(n_real == 0):
+        raise ValueError("every row needs at least one tail token to condition on")
+    graphdef, params = nnx.split(model)
+    return _score_jit(graphdef, params, state, tail_tokens, tail_mask, jnp.asarray(candidates),
+                      jnp.asarray(candidate_mask, jnp.float32), prefill_width, key_width)
+
+
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
              sampling: SamplingConfig) -> GenerationOutput:
     """Sample responses for a batch of prompts.
@@ -328,5 +389,5 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
 
 
 def compile_count() -> int:
-    """Programs compiled so far by `extend` and `generate_from` (for bucket tests and reports)."""
-    return _extend_jit._cache_size() + _generate_jit._cache_size()
+    """Programs compiled so far by `extend`, `generate_from` and `score_continuations`."""
+    return _extend_jit._cache_size() + _generate_jit._cache_size() + _score_jit._cache_size()

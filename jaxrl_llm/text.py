@@ -17,17 +17,32 @@ def split_space(prompt: str) -> tuple[str, str]:
     return (prompt[:-1], " ") if prompt.endswith(" ") else (prompt, "")
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of prompts with their trailing space moved to the action (see module doc)."""
-    return [tokenizer(split_space(p)[0], add_special_tokens=False).input_ids for p in prompts]
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def encode_actions(tokenizer, prompts: Sequence[str], actions: Sequence[str],
-                   eos: bool = True) -> list[list[int]]:
-    """Token ids of each action as the continuation of its prompt (+ EOS, the stop token)."""
-    ids = [tokenizer(split_space(p)[1] + a, add_special_tokens=False).input_ids
-           for p, a in zip(prompts, actions, strict=True)]
-    return [i + [tokenizer.eos_token_id] for i in ids] if eos else ids
+def encode_pieces(tokenizer, pieces: Sequence[str]) -> list[int]:
+    """Concatenated token ids of separately tokenized pieces (`envs.textworld.prompt_pieces`).
+
+    Tokenizing piece by piece is what makes multi-turn prefill exact: the ids of a history never
+    change when a step is appended.
+    """
+    return [i for piece in pieces for i in encode(tokenizer, piece)]
+
+
+def encode_tail(tokenizer, tail: str) -> list[int]:
+    """Ids of the per-step tail, its trailing space moved to the action (module doc)."""
+    return encode(tokenizer, split_space(tail)[0])
+
+
+def encode_prompt(tokenizer, pieces: Sequence[str], tail: str) -> list[int]:
+    """Ids of a whole prompt: history pieces + tail, exactly as the agent feeds them."""
+    return encode_pieces(tokenizer, pieces) + encode_tail(tokenizer, tail)
+
+
+def encode_action(tokenizer, tail: str, action: str) -> list[int]:
+    """Ids of an action as the continuation of a prompt ending in `tail`, + EOS (the stop)."""
+    return encode(tokenizer, split_space(tail)[1] + action) + [tokenizer.eos_token_id]
 
 
 def decode_actions(tokenizer, tokens, lengths) -> list[str]:

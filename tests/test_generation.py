@@ -203,3 +203,27 @@ def test_real_model_greedy_equals_transformers(smollm2, smollm2_torch):
                                                                                     dtype=torch.long))
         ours = np.asarray(out.tokens[row, :out.lengths[row]])
         np.testing.assert_array_equal(ours, ref[0, len(prompt):].numpy())
+
+
+def test_score_continuations_equals_separate_forwards(model):
+    from jaxrl_llm.generation import score_continuations
+
+    vocab = model.config.vocab_size
+    history = random_prompts([9, 4], vocab, seed=20)
+    tail = random_prompts([3, 5], vocab, seed=21)
+    candidates = [random_prompts([2, 4, 1], vocab, seed=22), random_prompts([3, 1, 2], vocab, 23)]
+    cand = np.zeros((2, 3, 4), np.int32)
+    cand_mask = np.zeros((2, 3, 4), bool)
+    for b in range(2):
+        for c, ids in enumerate(candidates[b]):
+            cand[b, c, :len(ids)], cand_mask[b, c, :len(ids)] = ids, True
+    state = extend(model, DecodeState.empty(model.config, 2, 64), *pad_right(history))
+    scores, state = score_continuations(model, state, *pad_right(tail), cand, cand_mask)
+    for b in range(2):
+        context = history[b] + tail[b]
+        for c, ids in enumerate(candidates[b]):
+            seq = context + ids
+            logits = full_logits(model, [seq])[:, len(context) - 1:-1]
+            ref = float(jnp.sum(token_logprobs(jnp.asarray(logits), jnp.asarray([ids]))))
+            np.testing.assert_allclose(float(scores[b, c]), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state.lengths), [9, 4])  # history unchanged

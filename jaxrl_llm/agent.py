@@ -1,0 +1,167 @@
+"""An LLM agent playing a batch of TextWorld games in lockstep, and its evaluation summary.
+
+Each game's prompt history lives in a KV cache (`generation.DecodeState`); every step only the
+new pieces (the previous action and the new observation) are prefilled, then the per-step tail is
+sampled from (generate mode) or every valid action is scored against it (score mode).
+
+Generate mode rule for invalid text: an output that is not one of the valid actions is still sent
+to the game (which answers that it does not understand: a wasted step) and counted as invalid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxrl_llm import text
+from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, OBSERVATION_BLOCK, Episode, TextWorldBatch,
+                                      prompt_pieces, step_tail)
+from jaxrl_llm.generation import (DecodeState, SamplingConfig, extend, generate_from, pad_right,
+                                  score_continuations)
+
+MODES = ("generate", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Attributes:
+      mode: "generate" (free text, as notebook 000) or "score" (pick among valid actions by the
+        summed log-prob of " action" + EOS: always valid).
+      greedy: argmax action (evaluation) or sample (collection), in both modes.
+      temperature: sampling temperature (generate mode and the score-mode softmax).
+      max_action_tokens: generate mode: tokens sampled per action at most.
+      cache_len: KV-cache slots per game; must hold a whole episode's prompt.
+    """
+
+    mode: str = "score"
+    greedy: bool = True
+    temperature: float = 1.0
+    max_action_tokens: int = 12
+    cache_len: int = 4096
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"AgentConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"AgentConfig.temperature must be > 0, got {self.temperature}")
+        if self.max_action_tokens < 1 or self.cache_len < 64:
+            raise ValueError("AgentConfig.max_action_tokens must be >= 1 and cache_len >= 64")
+
+
+@dataclasses.dataclass
+class Transition:
+    """One game step as the learner sees it (token ids, not text)."""
+
+    game: int
+    step: int
+    prompt_ids: list[int]
+    action_ids: list[int]
+    logprob: float  # summed log-prob of action_ids under the acting policy
+    action: str
+    valid: bool
+    reward: float = 0.0
+    terminated: bool = False
+    truncated: bool = False
+
+
+def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Array,
+         config: AgentConfig, on_step: Callable[[list[Episode]], None] | None = None
+         ) -> tuple[list[Episode], list[Transition]]:
+    """Play one episode in each game; returns the episodes and every transition in step order."""
+    episodes = games.reset(seeds, fold)
+    stop = (tokenizer.eos_token_id, text.encode(tokenizer, "\n")[-1])
+    sampling = SamplingConfig(config.max_action_tokens, temperature=config.temperature,
+                              greedy=config.greedy, eos_ids=stop, pad_id=tokenizer.eos_token_id)
+    history = [text.encode_pieces(tokenizer, prompt_pieces(e)) for e in episodes]
+    state = extend(model, DecodeState.empty(model.config, len(episodes), config.cache_len),
+                   *pad_right(history, pad_id=tokenizer.eos_token_id))
+    transitions: list[Transition] = []
+    while not all(e.done for e in episodes):
+        active = [not e.done for e in episodes]
+        # Finished games still occupy their row: they get a one-token tail and are ignored.
+        tails = [text.encode_tail(tokenizer, step_tail(e.valid_actions)) if a
+                 else [tokenizer.eos_token_id] for e, a in zip(episodes, active)]
+        key, step_key = jax.random.split(key)
+        if config.mode == "generate":
+            out, state = generate_from(model, state, *pad_right(tails), step_key, sampling)
+            out = jax.tree.map(np.asarray, out)
+            actions = text.decode_actions(tokenizer, out.tokens, out.lengths)
+            action_ids = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
+            logprobs = out.logprobs.sum(1).tolist()
+        else:
+            actions, action_ids, logprobs, state = _choose_by_score(
+                model, tokenizer, state, episodes, tails, step_key, config)
+        step = [e.num_steps for e in episodes]
+        for game, is_active in enumerate(active):
+            if is_active:
+                transitions.append(Transition(
+                    game, step[game], history[game] + tails[game], action_ids[game],
+                    logprobs[game], actions[game], actions[game] in episodes[game].valid_actions))
+        episodes = games.step([a if act else None for a, act in zip(actions, active)])
+        new_text = []
+        for game, is_active in enumerate(active):
+            e = episodes[game]
+            if is_active:
+                last = next(t for t in reversed(transitions) if t.game == game)
+                last.reward, last.terminated, last.truncated = (e.rewards[-1], e.terminated,
+                                                                e.truncated)
+            pieces = ([ACTION_SUFFIX.format(actions[game]),
+                       OBSERVATION_BLOCK.format(e.num_steps, e.observations[-1])]
+                      if is_active and not e.done else [])
+            ids = text.encode_pieces(tokenizer, pieces)
+            history[game] += ids
+            new_text.append(ids)
+        if any(new_text):  # rows with nothing new (finished games) are all padding: no-ops
+            state = extend(model, state, *pad_right(new_text))
+        if on_step:
+            on_step(episodes)
+    return episodes, transitions
+
+
+def _choose_by_score(model, tokenizer, state, episodes, tails, key, config):
+    options = [e.valid_actions or ["look around"] for e in episodes]
+    encoded = [[text.encode_action(tokenizer, step_tail(e.valid_actions), a) for a in opts]
+               for e, opts in zip(episodes, options)]
+    num = max(len(c) for c in encoded)
+    width = max(len(ids) for c in encoded for ids in c)
+    candidates = np.zeros((len(encoded), num, width), np.int32)
+    mask = np.zeros(candidates.shape, bool)
+    for b, cands in enumerate(encoded):
+        for c, ids in enumerate(cands):
+            candidates[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
+    scores, state = score_continuations(model, state, *pad_right(tails), candidates, mask)
+    scores = np.where(mask.any(-1), np.asarray(scores), -np.inf)
+    if config.greedy:
+        choice = scores.argmax(-1)
+    else:
+        choice = np.asarray(jax.random.categorical(key, scores / config.temperature, axis=-1))
+    actions = [opts[c] for opts, c in zip(options, choice)]
+    action_ids = [cands[c] for cands, c in zip(encoded, choice)]
+    return actions, action_ids, scores[np.arange(len(choice)), choice].tolist(), state
+
+
+def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[str, float]:
+    """Success rate with a 95% Wilson interval, normalized score, steps, invalid and failure rates."""
+    n = len(episodes)
+    successes = sum(e.success for e in episodes)
+    low, high = wilson_interval(successes, n)
+    return dict(
+        games=n, success_rate=successes / n, success_low=low, success_high=high,
+        mean_score=float(np.mean([e.score for e in episodes])),
+        mean_steps=float(np.mean([e.num_steps for e in episodes])),
+        invalid_rate=float(np.mean([not t.valid for t in transitions])) if transitions else 0.0,
+        failure_rate=sum(e.failure for e in episodes) / n)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0 and n successes)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)

@@ -1,0 +1,1 @@
+"""Environments stepped on the CPU side while the model runs under jit."""

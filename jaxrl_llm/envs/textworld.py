@@ -1,0 +1,232 @@
+"""TextWorld Express games on the CPU side, stepped in lockstep, and notebook 000's prompts.
+
+Step limit: `step_limit = N` means an episode has **at most N actions**. We enforce it ourselves
+(the engine's `envStepLimit=N` allows N + 1 actions and keeps accepting steps after `done`). An
+episode ends either *terminated* (the task succeeded or failed: no future value) or *truncated*
+(the N-th action was taken without termination: bootstrap from the value of the state reached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+GAMES = ("cookingworld",)
+FOLDS = ("train", "dev", "test")
+INSTRUCTION = "# TASK: {}\nChoose exactly one valid action."
+OBSERVATION_BLOCK = "\n# STEP {} \nObs: {}"
+ACTION_SUFFIX = "\nAction: {}"
+TAIL = "\nValid actions: {}\nAction: "
+
+
+@dataclasses.dataclass(frozen=True)
+class GameConfig:
+    """A TextWorld Express game family (defaults: notebook 000's cookingworld).
+
+    Attributes:
+      game_name: one of `GAMES`.
+      num_locations, include_doors, num_distractor_items, num_ingredients: generator params.
+      step_limit: at most this many actions per episode (16 in the notebook, 32 = "full").
+    """
+
+    game_name: str = "cookingworld"
+    num_locations: int = 3
+    include_doors: int = 1
+    num_distractor_items: int = 2
+    num_ingredients: int = 2
+    step_limit: int = 16
+
+    def __post_init__(self):
+        if self.game_name not in GAMES:
+            raise ValueError(f"unknown game {self.game_name!r}; supported: {', '.join(GAMES)}")
+        if self.step_limit < 1:
+            raise ValueError(f"step_limit must be >= 1, got {self.step_limit}")
+        if not 1 <= self.num_locations <= 11:
+            raise ValueError(f"num_locations must be in [1, 11], got {self.num_locations}")
+        if self.include_doors not in (0, 1):
+            raise ValueError(f"include_doors must be 0 or 1, got {self.include_doors}")
+        if not 0 <= self.num_distractor_items <= 10:
+            raise ValueError("num_distractor_items must be in [0, 10], got "
+                             f"{self.num_distractor_items}")
+        if not 1 <= self.num_ingredients <= 5:
+            raise ValueError(f"num_ingredients must be in [1, 5], got {self.num_ingredients}")
+
+    def params_string(self) -> str:
+        # Built from validated fields only: the engine silently ignores names it does not know.
+        return (f"numLocations={self.num_locations},includeDoors={self.include_doors},"
+                f"numDistractorItems={self.num_distractor_items},"
+                f"numIngredients={self.num_ingredients}")
+
+
+@dataclasses.dataclass
+class Episode:
+    """One game's trajectory so far; `observations` has one more entry than `actions`."""
+
+    seed: int
+    fold: str
+    task: str
+    observations: list[str]
+    actions: list[str] = dataclasses.field(default_factory=list)
+    valid_actions: list[str] = dataclasses.field(default_factory=list)
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    score: float = 0.0
+    success: bool = False
+    failure: bool = False
+    truncated: bool = False
+
+    @property
+    def terminated(self) -> bool:
+        return self.success or self.failure
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.actions)
+
+
+def _check_fold(fold: str) -> None:
+    if fold not in FOLDS:
+        raise ValueError(f"unknown fold {fold!r}; choose from {', '.join(FOLDS)}")
+
+
+def _make_env(config: GameConfig):
+    from textworld_express import TextWorldExpressEnv
+
+    # The engine's own limit is set beyond ours so that it never ends an episode first.
+    env = TextWorldExpressEnv(envStepLimit=config.step_limit + 8)
+    env.load(config.game_name, config.params_string())
+    return env
+
+
+class TextWorldBatch:
+    """N games stepped in lockstep, one engine (JVM) per game.
+
+    `reset(seeds, fold)` starts one episode per game; `step(actions)` advances the games that are
+    not done (their entry in `actions` is ignored once done). A game whose engine raises is
+    restarted and its episode replayed from the seed and action history; if that fails too, the
+    episode is marked truncated with a warning so a run never hangs or silently loses it.
+    """
+
+    def __init__(self, config: GameConfig, num_games: int):
+        if num_games < 1:
+            raise ValueError(f"num_games must be >= 1, got {num_games}")
+        self.config = config
+        self._envs = [_make_env(config) for _ in range(num_games)]
+        self.episodes: list[Episode] = []
+
+    @property
+    def num_games(self) -> int:
+        return len(self._envs)
+
+    def reset(self, seeds: Sequence[int], fold: str) -> list[Episode]:
+        _check_fold(fold)
+        if len(seeds) != self.num_games:
+            raise ValueError(f"got {len(seeds)} seeds for {self.num_games} games")
+        self.episodes = [self._reset_one(i, int(s), fold) for i, s in enumerate(seeds)]
+        return self.episodes
+
+    def _reset_one(self, index: int, seed: int, fold: str) -> Episode:
+        obs, info = self._envs[index].reset(seed=seed, gameFold=fold)
+        return Episode(seed=seed, fold=fold, task=info["taskDescription"], observations=[obs],
+                       valid_actions=list(info["validActions"]))
+
+    def step(self, actions: Sequence[str | None]) -> list[Episode]:
+        if len(actions) != self.num_games:
+            raise ValueError(f"got {len(actions)} actions for {self.num_games} games")
+        for index, (episode, action) in enumerate(zip(self.episodes, actions)):
+            if episode.done:
+                continue
+            try:
+                obs, reward, _, info = self._envs[index].step(action)
+            except Exception as error:  # a crashed JVM: replay once, else cut the episode
+                obs, reward, info = self._recover(index, episode, action, error)
+                if info is None:
+                    continue
+            self._record(episode, action, obs, reward, info)
+        return self.episodes
+
+    def _record(self, episode: Episode, action: str, obs: str, reward: float, info) -> None:
+        episode.actions.append(action)
+        episode.observations.append(obs)
+        episode.rewards.append(float(reward))
+        episode.valid_actions = list(info["validActions"])
+        episode.score = float(info["score"])
+        episode.success, episode.failure = bool(info["tasksuccess"]), bool(info["taskfailure"])
+        episode.truncated = not episode.terminated and episode.num_steps >= self.config.step_limit
+
+    def _recover(self, index: int, episode: Episode, action: str, error: Exception):
+        logger.warning("game %d (seed %d) crashed (%r); restarting its engine and replaying",
+                       index, episode.seed, error)
+        try:
+            self._envs[index] = _make_env(self.config)
+            self._envs[index].reset(seed=episode.seed, gameFold=episode.fold)
+            for past in episode.actions:
+                self._envs[index].step(past)
+            obs, reward, _, info = self._envs[index].step(action)
+            return obs, reward, info
+        except Exception as second:
+            logger.warning("game %d could not be replayed (%r): episode cut as truncated",
+                           index, second)
+            episode.truncated = True
+            return None, 0.0, None
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+        self._envs = []
+
+    def __enter__(self) -> "TextWorldBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def gold_actions(config: GameConfig, seed: int, fold: str, env=None) -> list[str]:
+    """The expert (gold path) action sequence of a game."""
+    _check_fold(fold)
+    env = env or _make_env(config)
+    env.reset(seed=seed, gameFold=fold, generateGoldPath=True)
+    return list(env.getGoldActionSequence())
+
+
+# ------------------------------------------------------------------ prompts (notebook 000)
+
+def prompt_pieces(episode: Episode, max_history: int | None = None) -> list[str]:
+    """The prompt prefix as pieces: instruction, then per past step its observation block and
+    its action suffix, then the current observation block.
+
+    Pieces are the unit of tokenization (`text.encode_pieces`): a multi-turn generator extends
+    its cache with the new pieces of each step, and SFT data is tokenized from the same pieces,
+    so both see identical token ids.
+
+    With `max_history=k`, only the last k past steps are kept; the `# TASK:` instruction is
+    always kept (notebook 000 drops it at step == max_history, a bug). With `max_history=None`
+    the pieces only grow: step t+1 appends the action suffix of step t and a new block.
+    """
+    if max_history is not None and max_history < 0:
+        raise ValueError(f"max_history must be >= 0 or None, got {max_history}")
+    steps = range(episode.num_steps)
+    if max_history is not None:
+        steps = steps[max(0, len(steps) - max_history):]
+    pieces = [INSTRUCTION.format(episode.task)]
+    for i in steps:
+        pieces += [OBSERVATION_BLOCK.format(i, episode.observations[i]),
+                   ACTION_SUFFIX.format(episode.actions[i])]
+    return pieces + [OBSERVATION_BLOCK.format(episode.num_steps, episode.observations[-1])]
+
+
+def step_tail(valid_actions: Sequence[str]) -> str:
+    """The per-step question: `"\\nValid actions: a, b\\nAction: "`."""
+    return TAIL.format(", ".join(valid_actions))
+
+
+def build_prompt(episode: Episode, max_history: int | None = None) -> str:
+    """The full prompt of notebook 000 (prefix + tail) for the episode's current step."""
+    return "".join(prompt_pieces(episode, max_history)) + step_tail(episode.valid_actions)

@@ -1,0 +1,158 @@
+"""TextWorld games: step-limit semantics, termination vs truncation, lockstep, prompts, agent."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrl_llm import text
+from jaxrl_llm.agent import AgentConfig, play, summarize, wilson_interval
+from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
+                                      gold_actions, prompt_pieces, step_tail)
+
+pytestmark = pytest.mark.textworld
+
+
+@pytest.fixture(scope="module")
+def games():
+    with TextWorldBatch(GameConfig(step_limit=6), 3) as batch:
+        yield batch
+
+
+def random_actions(episodes, rng):
+    return [rng.choice(e.valid_actions) if not e.done else None for e in episodes]
+
+
+def test_step_limit_is_the_number_of_actions_and_truncates(games):
+    rng = np.random.default_rng(0)
+    episodes = games.reset([1, 2, 3], "train")
+    steps = 0
+    while not all(e.done for e in episodes):
+        episodes = games.step(random_actions(episodes, rng))
+        steps += 1
+    for e in episodes:
+        assert e.num_steps <= 6
+        if not e.terminated:
+            assert e.truncated and e.num_steps == 6
+    assert steps == 6  # random play never finishes this task in 6 actions
+
+
+def test_gold_path_terminates_with_success():
+    config = GameConfig(step_limit=64)
+    gold = gold_actions(config, 5, "test")
+    with TextWorldBatch(config, 1) as batch:
+        batch.reset([5], "test")
+        for action in gold:
+            (episode,) = batch.step([action])
+            if episode.done:
+                break
+    assert episode.success and episode.terminated and not episode.truncated
+    assert episode.score == pytest.approx(1.0)
+
+
+def test_lockstep_equals_one_by_one(games):
+    rng = np.random.default_rng(1)
+    actions_per_step = []
+    episodes = games.reset([11, 12, 13], "dev")
+    while not all(e.done for e in episodes):
+        actions = random_actions(episodes, rng)
+        actions_per_step.append(actions)
+        episodes = games.step(actions)
+    batched = [(e.observations, e.rewards, e.score, e.truncated) for e in episodes]
+    with TextWorldBatch(GameConfig(step_limit=6), 1) as single:
+        for game, seed in enumerate([11, 12, 13]):
+            (e,) = single.reset([seed], "dev")
+            for actions in actions_per_step:
+                if actions[game] is not None:
+                    (e,) = single.step([actions[game]])
+            assert (e.observations, e.rewards, e.score, e.truncated) == batched[game]
+
+
+def test_prompt_matches_notebook_format():
+    episode = Episode(seed=0, fold="train", task="Cook.", observations=["Kitchen. ", "Done."],
+                      actions=["look around"], valid_actions=["eat meal", "look around"])
+    expected = ("# TASK: Cook.\nChoose exactly one valid action."
+                "\n# STEP 0 \nObs: Kitchen. \nAction: look around"
+                "\n# STEP 1 \nObs: Done."
+                "\nValid actions: eat meal, look around\nAction: ")
+    assert build_prompt(episode) == expected
+
+
+def test_task_line_kept_at_step_max_history():
+    """Notebook 000 loses the `# TASK:` line at exactly step == max_history (`>` for `>=`)."""
+    obs = [f"obs {i}" for i in range(4)]
+    episode = Episode(seed=0, fold="train", task="Cook.", observations=obs,
+                      actions=["a", "b", "c"], valid_actions=["x"])
+    for max_history in (0, 1, 2, 3, 5):
+        prompt = build_prompt(episode, max_history=max_history)
+        assert prompt.startswith("# TASK: Cook.\n")
+        assert prompt.count("# STEP") == min(max_history, 3) + 1
+
+
+def test_prefix_only_grows_without_max_history():
+    e = Episode(seed=0, fold="train", task="T", observations=["o0"], valid_actions=["a"])
+    before = prompt_pieces(e)
+    e.actions.append("a")
+    e.observations.append("o1")
+    after = prompt_pieces(e)
+    assert after[:len(before)] == before and len(after) == len(before) + 2
+
+
+def test_bad_game_inputs():
+    with pytest.raises(ValueError, match="unknown game 'zork'"):
+        GameConfig(game_name="zork")
+    with pytest.raises(ValueError, match="step_limit must be >= 1"):
+        GameConfig(step_limit=-1)
+    with pytest.raises(ValueError, match="unknown fold 'valid'"):
+        gold_actions(GameConfig(), 0, "valid")
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0.25 < high < 0.35
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
+
+
+class ByteTokenizer:
+    """A tiny stand-in tokenizer (bytes + EOS) so the agent runs on a random tiny model."""
+
+    eos_token_id = 256
+
+    def __call__(self, s, add_special_tokens=False):
+        class Encoded:
+            input_ids = list(s.encode())
+        return Encoded()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_agent_prompts_equal_full_prompt_tokens(games, mode):
+    """Incremental prefill feeds exactly the tokens of the notebook prompt at every step."""
+    from jaxrl_llm.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=8192), rngs=nnx.Rngs(0))
+    tokenizer = ByteTokenizer()
+    config = AgentConfig(mode=mode, greedy=False, max_action_tokens=4, cache_len=8192)
+    episodes, transitions = play(model, tokenizer, games, [21, 22, 23], "train",
+                                 jax.random.key(0), config)
+    assert len(transitions) == sum(e.num_steps for e in episodes)
+    for t in transitions:
+        e = episodes[t.game]
+        replay = Episode(seed=e.seed, fold=e.fold, task=e.task,
+                         observations=e.observations[:t.step + 1], actions=e.actions[:t.step])
+        tail = step_tail(["x"])  # valid actions are not kept per step: compare up to the tail
+        expected = text.encode_pieces(tokenizer, prompt_pieces(replay))
+        assert t.prompt_ids[:len(expected)] == expected
+        assert tokenizer.decode(t.prompt_ids[len(expected):]).startswith("\nValid actions: ")
+        assert tail.endswith("Action: ")
+        if mode == "score":
+            assert t.valid and t.action_ids[-1] == tokenizer.eos_token_id
+    rewards = [t.reward for t in transitions if t.game == 0]
+    assert sum(rewards) == pytest.approx(sum(episodes[0].rewards))
+    last = [t for t in transitions if t.game == 0][-1]
+    assert last.truncated == episodes[0].truncated and last.terminated == episodes[0].terminated
+    summary = summarize(episodes, transitions)
+    assert summary["games"] == 3 and 0 <= summary["invalid_rate"] <= 1
