@@ -34,6 +34,8 @@ class AgentConfig:
       greedy: argmax action (evaluation) or sample (collection), in both modes.
       temperature: sampling temperature (generate mode and the score-mode softmax).
       max_action_tokens: generate mode: tokens sampled per action at most.
+      max_history: None keeps the whole history and prefills only new text each step; k keeps
+        the last k steps (shorter prompts, but the prompt is rebuilt and re-prefilled each step).
       cache_len: KV-cache slots per game; must hold a whole episode's prompt.
     """
 
@@ -41,6 +43,7 @@ class AgentConfig:
     greedy: bool = True
     temperature: float = 1.0
     max_action_tokens: int = 12
+    max_history: int | None = None
     cache_len: int = 4096
 
     def __post_init__(self):
@@ -50,6 +53,9 @@ class AgentConfig:
             raise ValueError(f"AgentConfig.temperature must be > 0, got {self.temperature}")
         if self.max_action_tokens < 1 or self.cache_len < 64:
             raise ValueError("AgentConfig.max_action_tokens must be >= 1 and cache_len >= 64")
+        if self.max_history is not None and self.max_history < 0:
+            raise ValueError(f"AgentConfig.max_history must be >= 0 or None, got "
+                             f"{self.max_history}")
 
 
 @dataclasses.dataclass
@@ -76,11 +82,14 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
     stop = (tokenizer.eos_token_id, text.encode(tokenizer, "\n")[-1])
     sampling = SamplingConfig(config.max_action_tokens, temperature=config.temperature,
                               greedy=config.greedy, eos_ids=stop, pad_id=tokenizer.eos_token_id)
-    history = [text.encode_pieces(tokenizer, prompt_pieces(e)) for e in episodes]
-    state = extend(model, DecodeState.empty(model.config, len(episodes), config.cache_len),
-                   *pad_right(history, pad_id=tokenizer.eos_token_id))
     transitions: list[Transition] = []
+    state = history = None
     while not all(e.done for e in episodes):
+        if state is None or config.max_history is not None:
+            history = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
+                       for e in episodes]
+            state = extend(model, DecodeState.empty(model.config, len(episodes), config.cache_len),
+                           *pad_right(history, pad_id=tokenizer.eos_token_id))
         active = [not e.done for e in episodes]
         # Finished games still occupy their row: they get a one-token tail and are ignored.
         tails = [text.encode_tail(tokenizer, step_tail(e.valid_actions)) if a
@@ -115,7 +124,8 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             ids = text.encode_pieces(tokenizer, pieces)
             history[game] += ids
             new_text.append(ids)
-        if any(new_text):  # rows with nothing new (finished games) are all padding: no-ops
+        if config.max_history is None and any(new_text):
+            # Rows with nothing new (finished games) are all padding: no-ops.
             state = extend(model, state, *pad_right(new_text))
         if on_step:
             on_step(episodes)

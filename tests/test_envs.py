@@ -8,7 +8,7 @@ from flax import nnx
 from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
-                                      gold_actions, prompt_pieces, step_tail)
+                                      prompt_pieces, step_tail)
 
 pytestmark = pytest.mark.textworld
 
@@ -38,11 +38,9 @@ def test_step_limit_is_the_number_of_actions_and_truncates(games):
 
 
 def test_gold_path_terminates_with_success():
-    config = GameConfig(step_limit=64)
-    gold = gold_actions(config, 5, "test")
-    with TextWorldBatch(config, 1) as batch:
-        batch.reset([5], "test")
-        for action in gold:
+    with TextWorldBatch(GameConfig(step_limit=64), 1) as batch:
+        batch.reset([5], "test", gold=True)
+        for action in batch.gold_actions(0):
             (episode,) = batch.step([action])
             if episode.done:
                 break
@@ -103,8 +101,11 @@ def test_bad_game_inputs():
         GameConfig(game_name="zork")
     with pytest.raises(ValueError, match="step_limit must be >= 1"):
         GameConfig(step_limit=-1)
-    with pytest.raises(ValueError, match="unknown fold 'valid'"):
-        gold_actions(GameConfig(), 0, "valid")
+    with pytest.raises(ValueError, match="unknown fold 'valid'"), \
+            TextWorldBatch(GameConfig(), 1) as batch:
+        batch.reset([0], "valid")
+    with pytest.raises(ValueError, match="num_games must be >= 1"):
+        TextWorldBatch(GameConfig(), 0)
 
 
 def test_wilson_interval():
@@ -128,14 +129,16 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
 
-@pytest.mark.parametrize("mode", ["score", "generate"])
-def test_agent_prompts_equal_full_prompt_tokens(games, mode):
+@pytest.mark.parametrize("mode,max_history", [("score", None), ("generate", None),
+                                              ("score", 2)])
+def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history):
     """Incremental prefill feeds exactly the tokens of the notebook prompt at every step."""
     from jaxrl_llm.model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=8192), rngs=nnx.Rngs(0))
     tokenizer = ByteTokenizer()
-    config = AgentConfig(mode=mode, greedy=False, max_action_tokens=4, cache_len=8192)
+    config = AgentConfig(mode=mode, greedy=False, max_action_tokens=4, cache_len=8192,
+                         max_history=max_history)
     episodes, transitions = play(model, tokenizer, games, [21, 22, 23], "train",
                                  jax.random.key(0), config)
     assert len(transitions) == sum(e.num_steps for e in episodes)
@@ -144,7 +147,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode):
         replay = Episode(seed=e.seed, fold=e.fold, task=e.task,
                          observations=e.observations[:t.step + 1], actions=e.actions[:t.step])
         tail = step_tail(["x"])  # valid actions are not kept per step: compare up to the tail
-        expected = text.encode_pieces(tokenizer, prompt_pieces(replay))
+        expected = text.encode_pieces(tokenizer, prompt_pieces(replay, max_history))
         assert t.prompt_ids[:len(expected)] == expected
         assert tokenizer.decode(t.prompt_ids[len(expected):]).startswith("\nValid actions: ")
         assert tail.endswith("Action: ")
@@ -156,3 +159,20 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode):
     assert last.truncated == episodes[0].truncated and last.terminated == episodes[0].terminated
     summary = summarize(episodes, transitions)
     assert summary["games"] == 3 and 0 <= summary["invalid_rate"] <= 1
+
+
+def test_expert_dataset_round_trips_through_cache(tmp_path):
+    from jaxrl_llm.data import expert_dataset
+
+    tokenizer = ByteTokenizer()
+    tokenizer.name_or_path = "bytes"
+    tokenizer.__class__.__len__ = lambda self: 257
+    first = expert_dataset(GameConfig(), [3], "train", tokenizer, max_history=2,
+                           cache_dir=str(tmp_path), progress=False)
+    assert first[-1]["done"] and sum(first["reward"]) > 0
+    assert first[0]["step"] == 0 and first[0]["prompt"].startswith("# TASK:")
+    assert tokenizer.decode(first[0]["prompt_ids"]) + " " == first[0]["prompt"]
+    assert tokenizer.decode(first[0]["action_ids"]) == " " + first[0]["action"]
+    again = expert_dataset(GameConfig(), [3], "train", tokenizer, max_history=2,
+                           cache_dir=str(tmp_path), progress=False)
+    assert again.to_list() == first.to_list() and len(list(tmp_path.iterdir())) == 1

@@ -124,15 +124,20 @@ class TextWorldBatch:
     def num_games(self) -> int:
         return len(self._envs)
 
-    def reset(self, seeds: Sequence[int], fold: str) -> list[Episode]:
+    def reset(self, seeds: Sequence[int], fold: str, gold: bool = False) -> list[Episode]:
+        """Start one episode per game; `gold=True` also generates the expert paths."""
         _check_fold(fold)
         if len(seeds) != self.num_games:
             raise ValueError(f"got {len(seeds)} seeds for {self.num_games} games")
-        self.episodes = [self._reset_one(i, int(s), fold) for i, s in enumerate(seeds)]
+        self.episodes = [self._reset_one(i, int(s), fold, gold) for i, s in enumerate(seeds)]
         return self.episodes
 
-    def _reset_one(self, index: int, seed: int, fold: str) -> Episode:
-        obs, info = self._envs[index].reset(seed=seed, gameFold=fold)
+    def gold_actions(self, index: int) -> list[str]:
+        """The expert action sequence of game `index` (after `reset(..., gold=True)`)."""
+        return list(self._envs[index].getGoldActionSequence())
+
+    def _reset_one(self, index: int, seed: int, fold: str, gold: bool = False) -> Episode:
+        obs, info = self._envs[index].reset(seed=seed, gameFold=fold, generateGoldPath=gold)
         return Episode(seed=seed, fold=fold, task=info["taskDescription"], observations=[obs],
                        valid_actions=list(info["validActions"]))
 
@@ -186,14 +191,6 @@ class TextWorldBatch:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def gold_actions(config: GameConfig, seed: int, fold: str, env=None) -> list[str]:
-    """The expert (gold path) action sequence of a game."""
-    _check_fold(fold)
-    env = env or _make_env(config)
-    env.reset(seed=seed, gameFold=fold, generateGoldPath=True)
-    return list(env.getGoldActionSequence())
 
 
 # ------------------------------------------------------------------ prompts (notebook 000)
