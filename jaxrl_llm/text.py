@@ -49,3 +49,22 @@ def decode_actions(tokenizer, tokens, lengths) -> list[str]:
     """Generated ids `[B, N]` with lengths `[B]` -> action strings (stop tokens dropped)."""
     return [tokenizer.decode(list(row[:n]), skip_special_tokens=True).strip()
             for row, n in zip(tokens, lengths)]
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer (256 bytes + EOS) for tiny random models: smoke runs and tests."""
+
+    vocab_size = 257
+    eos_token_id = 256
+    name_or_path = "bytes"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        class Encoded:
+            input_ids = list(text.encode())
+        return Encoded()
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids if i < 256).decode(errors="replace")

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from jaxrl_llm import text
+from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.agent import AgentConfig, play, summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
                                       prompt_pieces, step_tail)
@@ -115,20 +116,6 @@ def test_wilson_interval():
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
 
 
-class ByteTokenizer:
-    """A tiny stand-in tokenizer (bytes + EOS) so the agent runs on a random tiny model."""
-
-    eos_token_id = 256
-
-    def __call__(self, s, add_special_tokens=False):
-        class Encoded:
-            input_ids = list(s.encode())
-        return Encoded()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
-
-
 @pytest.mark.parametrize("mode,max_history", [("score", None), ("generate", None),
                                               ("score", 2)])
 def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history):
@@ -165,8 +152,6 @@ def test_expert_dataset_round_trips_through_cache(tmp_path):
     from jaxrl_llm.data import expert_dataset
 
     tokenizer = ByteTokenizer()
-    tokenizer.name_or_path = "bytes"
-    tokenizer.__class__.__len__ = lambda self: 257
     first = expert_dataset(GameConfig(), [3], "train", tokenizer, max_history=2,
                            cache_dir=str(tmp_path), progress=False)
     assert first[-1]["done"] and sum(first["reward"]) > 0

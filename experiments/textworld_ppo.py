@@ -1,0 +1,211 @@
+"""TextWorld agent: SFT warm start on expert trajectories, then evaluation on held-out games.
+
+    python -m experiments.textworld_ppo                 # `cpu` preset, the default SmolLM2 model
+    python -m experiments.textworld_ppo --preset smoke  # tiny random model, seconds
+    python -m experiments.textworld_ppo --help
+
+Stages (paper order): load the int8 base + LoRA adapters; evaluate the zero-shot policy; SFT on
+gold-path (prompt -> action) pairs of train games; evaluate on test games (both step limits).
+Outputs go to `--run-dir`: config.json, metrics.jsonl (one line per SFT step), eval.json.
+The PPO stage (issue 8) will slot in after SFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxrl_llm.agent import AgentConfig, play, summarize
+from jaxrl_llm.data import expert_dataset
+from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
+from jaxrl_llm.model import ModelConfig, Transformer, load_model
+from jaxrl_llm.model.lora import LoraConfig, apply_lora
+from jaxrl_llm.model.quant import quantize_model
+from jaxrl_llm.text import ByteTokenizer
+from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
+from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
+
+PRESETS = ("smoke", "cpu", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run. Defaults are the `cpu` preset (the default SmolLM2-135M on a 2-core CPU)."""
+
+    model_path: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
+    quantize: str = "int8"
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    max_history: int | None = 3  # steps of history in the prompt (None: all, incremental)
+    train_games: int = 24  # gold paths of train seeds 0..N-1 for SFT
+    eval_games: int = 16  # test seeds 0..M-1
+    eval_step_limits: tuple[int, ...] = (16, 32)
+    agent_mode: str = "score"
+    sft_epochs: int = 1
+    sft_batch_size: int = 8
+    sft_micro_batch_size: int = 2
+    sft_learning_rate: float = 2e-4
+    num_envs: int = 8  # games stepped in lockstep during evaluation
+    seed: int = 0
+    run_dir: str = "runs/textworld_ppo"
+
+    def __post_init__(self):
+        for name in ("train_games", "eval_games", "num_envs", "lora_rank", "sft_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, name)}")
+        if self.eval_games % self.num_envs and self.eval_games > self.num_envs:
+            raise ValueError(f"--eval-games ({self.eval_games}) must be a multiple of "
+                             f"--num-envs ({self.num_envs})")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        presets = {
+            "smoke": dict(model_path="tiny", quantize="int8", train_games=2, eval_games=2,
+                          num_envs=2, eval_step_limits=(4,), sft_batch_size=4,
+                          sft_micro_batch_size=2, run_dir="runs/smoke"),
+            "cpu": {},
+            "gpu": dict(max_history=None, train_games=400, eval_games=128, num_envs=32,
+                        sft_epochs=2, sft_batch_size=32, sft_micro_batch_size=8),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**presets[name], **overrides})
+
+
+def load_policy(config: Config):
+    """(model with LoRA adapters, tokenizer) for the run."""
+    if config.model_path == "tiny":  # the smoke preset: a random byte-level model
+        model = Transformer(ModelConfig.tiny(vocab_size=ByteTokenizer.vocab_size,
+                                             max_seq_len=4096), rngs=nnx.Rngs(config.seed))
+        model = quantize_model(model) if config.quantize else model
+        tokenizer = ByteTokenizer()
+    else:
+        _, model, tokenizer = load_model(config.model_path, quantize=config.quantize or None)
+    apply_lora(model, LoraConfig(rank=config.lora_rank, alpha=config.lora_alpha),
+               nnx.Rngs(config.seed))
+    return model, tokenizer
+
+
+def evaluate(model, tokenizer, config: Config, key, label: str) -> dict:
+    """Greedy play on test seeds 0..M-1 at every configured step limit."""
+    results = {}
+    agent = AgentConfig(mode=config.agent_mode, max_history=config.max_history,
+                        max_action_tokens=12)
+    num_envs = min(config.num_envs, config.eval_games)
+    for limit in config.eval_step_limits:
+        episodes, transitions = [], []
+        with TextWorldBatch(GameConfig(step_limit=limit), num_envs) as games:
+            bar = tqdm(total=config.eval_games * limit, desc=f"eval {label} limit {limit}",
+                       unit="step")
+            for start in range(0, config.eval_games, num_envs):
+                seeds = list(range(start, start + num_envs))
+                eps, trs = play(model, tokenizer, games, seeds, "test", key, agent,
+                                on_step=lambda e: bar.update(num_envs))
+                episodes += eps
+                transitions += trs
+            bar.close()
+        results[f"limit_{limit}"] = summarize(episodes, transitions)
+    return results
+
+
+def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
+    """LoRA SFT on gold-path transitions of train seeds 0..N-1; returns the tuned model."""
+    data = expert_dataset(GameConfig(), range(config.train_games), "train", tokenizer,
+                          config.max_history, cache_dir=os.path.join(config.run_dir, "data"))
+    longest_action = max(len(ids) for ids in data["action_ids"])
+    sft_config = SFTConfig(epochs=config.sft_epochs, batch_size=config.sft_batch_size,
+                           micro_batch_size=config.sft_micro_batch_size, seed=config.seed,
+                           completion_len=-(-longest_action // 8) * 8)
+    steps_per_epoch = -(-len(data) // config.sft_batch_size)
+    optimizer = make_optimizer(OptimConfig(
+        learning_rate=config.sft_learning_rate, warmup_steps=max(1, steps_per_epoch // 10),
+        total_steps=steps_per_epoch * config.sft_epochs + 1))
+    trainer = Trainer(model, optimizer, functools.partial(completion_loss, remat=True))
+    state = trainer.init()
+    start = time.time()
+    bar = tqdm(total=steps_per_epoch * config.sft_epochs, desc="SFT", unit="step")
+    for epoch in range(config.sft_epochs):
+        for batch in batches(data["prompt_ids"], data["action_ids"], sft_config, epoch,
+                             pad_id=tokenizer.eos_token_id):
+            state, metrics = trainer.step(state, jax.tree.map(jnp.asarray, batch))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
+            log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
+                     wall_time=time.time() - start))
+    bar.close()
+    return trainer.model(state), time.time() - start
+
+
+def main(config: Config) -> dict:
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+    metrics_file = open(os.path.join(config.run_dir, "metrics.jsonl"), "a")
+
+    def log(record):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    key = jax.random.key(config.seed)
+    print(f"loading model ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}, "
+          f"{config.quantize or 'float'} base, LoRA r={config.lora_rank})", flush=True)
+    model, tokenizer = load_policy(config)
+    results = {"zero_shot": evaluate(model, tokenizer, config, key, "zero-shot")}
+    model, sft_seconds = sft(model, tokenizer, config, log)
+    results["sft"] = evaluate(model, tokenizer, config, key, "SFT")
+    results["sft_wall_time_s"] = sft_seconds
+    with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    metrics_file.close()
+    print_summary(results, config)
+    return results
+
+
+def print_summary(results: dict, config: Config) -> None:
+    print(f"\n{'policy':<10} {'limit':>5} {'success (95% CI)':>22} {'score':>6} {'steps':>6} "
+          f"{'invalid':>8}")
+    for policy in ("zero_shot", "sft"):
+        for limit in config.eval_step_limits:
+            r = results[policy][f"limit_{limit}"]
+            ci = f"{r['success_rate']:.2f} [{r['success_low']:.2f}, {r['success_high']:.2f}]"
+            print(f"{policy:<10} {limit:>5} {ci:>22} {r['mean_score']:>6.2f} "
+                  f"{r['mean_steps']:>6.1f} {r['invalid_rate']:>8.2f}")
+    print(f"SFT wall time {results['sft_wall_time_s']:.0f} s; run dir {config.run_dir}")
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=PRESETS, help="base configuration")
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        value = getattr(defaults, field.name)
+        kind = (int if field.name in ("max_history",) else type(value) if value is not None
+                else str)
+        if isinstance(value, tuple):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, nargs="+",
+                                default=None, help=f"(cpu default: {' '.join(map(str, value))})")
+        else:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                                help=f"(cpu default: {value})")
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()
+                 if v is not None}
+    return Config.preset(preset, **overrides)
+
+
+if __name__ == "__main__":
+    main(parse_args())
