@@ -69,15 +69,20 @@ class Transition:
     logprob: float  # summed log-prob of action_ids under the acting policy
     action: str
     valid: bool
+    value: float = 0.0  # V(s) from the value head, if one was given to `play`
     reward: float = 0.0
     terminated: bool = False
     truncated: bool = False
 
 
 def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Array,
-         config: AgentConfig, on_step: Callable[[list[Episode]], None] | None = None
-         ) -> tuple[list[Episode], list[Transition]]:
-    """Play one episode in each game; returns the episodes and every transition in step order."""
+         config: AgentConfig, on_step: Callable[[list[Episode]], None] | None = None,
+         value_head=None) -> tuple[list[Episode], list[Transition]]:
+    """Play one episode in each game; returns the episodes and every transition in step order.
+
+    With a `value_head`, each transition also records V(s) read from the sampler's hidden state
+    of the last prompt token (no extra forward pass).
+    """
     episodes = games.reset(seeds, fold)
     stop = (tokenizer.eos_token_id, text.encode(tokenizer, "\n")[-1])
     sampling = SamplingConfig(config.max_action_tokens, temperature=config.temperature,
@@ -100,16 +105,19 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             out = jax.tree.map(np.asarray, out)
             actions = text.decode_actions(tokenizer, out.tokens, out.lengths)
             action_ids = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
-            logprobs = out.logprobs.sum(1).tolist()
+            logprobs, hidden = out.logprobs.sum(1).tolist(), out.prompt_hidden
         else:
-            actions, action_ids, logprobs, state = _choose_by_score(
+            actions, action_ids, logprobs, hidden, state = _choose_by_score(
                 model, tokenizer, state, episodes, tails, step_key, config)
+        values = (np.asarray(value_head(hidden)).tolist() if value_head is not None
+                  else [0.0] * len(episodes))
         step = [e.num_steps for e in episodes]
         for game, is_active in enumerate(active):
             if is_active:
                 transitions.append(Transition(
                     game, step[game], history[game] + tails[game], action_ids[game],
-                    logprobs[game], actions[game], actions[game] in episodes[game].valid_actions))
+                    logprobs[game], actions[game], actions[game] in episodes[game].valid_actions,
+                    value=values[game]))
         episodes = games.step([a if act else None for a, act in zip(actions, active)])
         new_text = []
         for game, is_active in enumerate(active):
@@ -143,7 +151,8 @@ def _choose_by_score(model, tokenizer, state, episodes, tails, key, config):
     for b, cands in enumerate(encoded):
         for c, ids in enumerate(cands):
             candidates[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
-    scores, state = score_continuations(model, state, *pad_right(tails), candidates, mask)
+    (scores, hidden), state = score_continuations(model, state, *pad_right(tails), candidates,
+                                                  mask)
     scores = np.where(mask.any(-1), np.asarray(scores), -np.inf)
     if config.greedy:
         choice = scores.argmax(-1)
@@ -151,7 +160,7 @@ def _choose_by_score(model, tokenizer, state, episodes, tails, key, config):
         choice = np.asarray(jax.random.categorical(key, scores / config.temperature, axis=-1))
     actions = [opts[c] for opts, c in zip(options, choice)]
     action_ids = [cands[c] for cands, c in zip(encoded, choice)]
-    return actions, action_ids, scores[np.arange(len(choice)), choice].tolist(), state
+    return actions, action_ids, scores[np.arange(len(choice)), choice].tolist(), hidden, state
 
 
 def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[str, float]:

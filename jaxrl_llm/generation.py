@@ -79,12 +79,15 @@ class GenerationOutput(NamedTuple):
       forward, which is what the PPO ratio needs.
     mask: `[B, N]` bool, True up to and including the stop/EOS token.
     lengths: `[B]` int32, `mask.sum(1)`.
+    prompt_hidden: `[B, D]` final hidden state of the last prompt token (a value head's input:
+      the value of the state the response was sampled in, at no extra forward pass).
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
     lengths: jax.Array
+    prompt_hidden: jax.Array
 
 
 @flax.struct.dataclass
@@ -232,7 +235,7 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     _, cache, _, _, (tokens, logprobs, mask, _) = jax.lax.while_loop(
         cond, body, (jnp.int32(1), cache, state.lengths + n_tail, key, out))
     # The tail and the response are dropped: the history is what it was before the call.
-    output = GenerationOutput(tokens, logprobs, mask, mask.sum(1, dtype=jnp.int32))
+    output = GenerationOutput(tokens, logprobs, mask, mask.sum(1, dtype=jnp.int32), last_hidden)
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
@@ -263,7 +266,7 @@ def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, candidates
     predicting = jnp.concatenate([first, cand_hidden[:, :, :-1]], axis=2)
     logprobs = token_logprobs(model.logits(predicting), candidates)
     scores = jnp.sum(logprobs * candidate_mask, axis=-1)
-    return scores, DecodeState(cache=cache, lengths=state.lengths)
+    return (scores, last_tail[:, 0]), DecodeState(cache=cache, lengths=state.lengths)
 
 
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
@@ -328,7 +331,8 @@ def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask
 
 
 def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tail_mask,
-                        candidates, candidate_mask) -> tuple[jax.Array, DecodeState]:
+                        candidates, candidate_mask
+                        ) -> tuple[tuple[jax.Array, jax.Array], DecodeState]:
     """Summed log-prob of each candidate continuation of `history + tail`, one forward pass.
 
     This is how an agent picks among valid actions: every candidate is scored against the
@@ -341,7 +345,8 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
       candidates: `[B, C, L]` right-padded candidate token ids (e.g. " take knife" + EOS).
       candidate_mask: `[B, C, L]` bool; an all-False candidate scores 0 (mask it out after).
     Returns:
-      `(scores [B, C] float32, state)`.
+      `((scores [B, C] float32, prompt_hidden [B, D]), state)`: prompt_hidden is the final
+      hidden state of the last tail token (a value head's input).
     """
     candidates, candidate_mask = np.asarray(candidates), np.asarray(candidate_mask, bool)
     if candidates.ndim != 3 or candidates.shape != candidate_mask.shape:

@@ -218,7 +218,7 @@ def test_score_continuations_equals_separate_forwards(model):
         for c, ids in enumerate(candidates[b]):
             cand[b, c, :len(ids)], cand_mask[b, c, :len(ids)] = ids, True
     state = extend(model, DecodeState.empty(model.config, 2, 64), *pad_right(history))
-    scores, state = score_continuations(model, state, *pad_right(tail), cand, cand_mask)
+    (scores, _), state = score_continuations(model, state, *pad_right(tail), cand, cand_mask)
     for b in range(2):
         context = history[b] + tail[b]
         for c, ids in enumerate(candidates[b]):

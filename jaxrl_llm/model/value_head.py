@@ -24,3 +24,15 @@ class ValueHead(nnx.Module):
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         return hidden.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+
+
+class ActorCritic(nnx.Module):
+    """A language model (the actor, `lm`) and a value head on its final hidden states."""
+
+    def __init__(self, lm: nnx.Module):
+        self.lm = lm
+        self.value_head = ValueHead(lm.config.d_model)
+
+    @property
+    def config(self):
+        return self.lm.config
