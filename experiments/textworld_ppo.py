@@ -1,13 +1,16 @@
-"""TextWorld agent: SFT warm start on expert trajectories, then evaluation on held-out games.
+"""TextWorld agent: SFT warm start on expert trajectories -> PPO -> evaluation on held-out games.
 
     python -m experiments.textworld_ppo                 # `cpu` preset, the default SmolLM2 model
     python -m experiments.textworld_ppo --preset smoke  # tiny random model, seconds
     python -m experiments.textworld_ppo --help
 
-Stages (paper order): load the int8 base + LoRA adapters; evaluate the zero-shot policy; SFT on
-gold-path (prompt -> action) pairs of train games; evaluate on test games (both step limits).
-Outputs go to `--run-dir`: config.json, metrics.jsonl (one line per SFT step), eval.json.
-The PPO stage (issue 8) will slot in after SFT.
+Stages (paper order): load the int8 base + LoRA adapters; (optionally) evaluate the zero-shot
+policy; SFT on gold-path (prompt -> action) pairs of train games; evaluate the warm start; PPO
+iterations (collect in lockstep with sampling, KL to the frozen warm start, GAE, minibatch epochs
+from stored log-probs); evaluate on test games (both step limits).
+Outputs go to `--run-dir`: config.json, metrics.jsonl (one line per SFT step and per PPO
+iteration), eval.json, checkpoints/{latest,best}. Re-running with the same --run-dir resumes PPO
+from `latest` (at most the iteration in progress is lost).
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize
+from jaxrl_llm.checkpoint import Checkpointer, fingerprint
 from jaxrl_llm.data import expert_dataset
-from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
+from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
 from jaxrl_llm.model import ModelConfig, Transformer, load_model
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.quant import quantize_model
+from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.text import ByteTokenizer
+from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
 from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
@@ -58,12 +65,20 @@ class Config:
     sft_batch_size: int = 8
     sft_micro_batch_size: int = 2
     sft_learning_rate: float = 2e-4
-    num_envs: int = 8  # games stepped in lockstep during evaluation
+    ppo_iterations: int = 2
+    ppo_step_limit: int = 16  # step limit of the training games
+    ppo_epochs: int = 1
+    ppo_learning_rate: float = 1.41e-5
+    eval_every: int = 0  # PPO iterations between held-out evals for `best` (0: only at the end)
+    kl_coef: float = 0.2
+    kl_in: str = "reward"
+    num_envs: int = 8  # games stepped in lockstep (collection and evaluation)
     seed: int = 0
     run_dir: str = "runs/textworld_ppo"
 
     def __post_init__(self):
-        for name in ("train_games", "eval_games", "num_envs", "lora_rank", "sft_epochs"):
+        for name in ("train_games", "eval_games", "num_envs", "lora_rank", "sft_epochs",
+                     "ppo_step_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(self, name)}")
@@ -75,11 +90,12 @@ class Config:
     def preset(cls, name: str, **overrides) -> "Config":
         presets = {
             "smoke": dict(model_path="tiny", quantize="int8", train_games=2, eval_games=2,
-                          num_envs=2, eval_step_limits=(4,), sft_batch_size=4,
+                          num_envs=2, eval_step_limits=(4,), sft_batch_size=4, ppo_step_limit=4,
                           sft_micro_batch_size=2, zero_shot_eval=True, run_dir="runs/smoke"),
             "cpu": {},
             "gpu": dict(max_history=None, train_games=400, eval_games=128, num_envs=32,
                         sft_epochs=2, sft_batch_size=32, sft_micro_batch_size=8,
+                        ppo_iterations=50, ppo_epochs=2,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
         }
         if name not in presets:
@@ -137,6 +153,11 @@ def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
         total_steps=steps_per_epoch * config.sft_epochs + 1))
     trainer = Trainer(model, optimizer, functools.partial(completion_loss, remat=True))
     state = trainer.init()
+    checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints", "sft"))
+    restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
+    if restored:  # a resumed run: the warm start (and KL anchor) is the saved one
+        print(f"loaded the SFT adapters from {checkpoints.directory}")
+        return trainer.model(restored[0]), checkpoints.record()["seconds"]
     start = time.time()
     bar = tqdm(total=steps_per_epoch * config.sft_epochs, desc="SFT", unit="step")
     for epoch in range(config.sft_epochs):
@@ -149,7 +170,80 @@ def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
             log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
                      wall_time=time.time() - start))
     bar.close()
-    return trainer.model(state), time.time() - start
+    seconds = time.time() - start
+    checkpoints.save(state, jax.random.key(0), dict(fingerprint=fingerprint(model),
+                                                    seconds=seconds))
+    return trainer.model(state), seconds
+
+
+def ppo(model, tokenizer, config: Config, key, log) -> nnx.Module:
+    """PPO iterations from the SFT policy; checkpoints `latest` each iteration (resumable)."""
+    ppo_config = PPOConfig(learning_rate=config.ppo_learning_rate, epochs=config.ppo_epochs,
+                           kl_coef=config.kl_coef, kl_in=config.kl_in,
+                           minibatch_size=config.sft_batch_size,
+                           micro_batch_size=config.sft_micro_batch_size)
+    actor_critic = ActorCritic(model)
+    trainer = Trainer(actor_critic, make_optimizer(OptimConfig(
+        learning_rate=ppo_config.learning_rate, weight_decay=0.0)),
+        functools.partial(ppo_loss, config=ppo_config, remat=True))
+    state = trainer.init()
+    reference = trainer.model(trainer.init())  # the frozen warm start: KL anchor
+    checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints"))
+    fp = fingerprint(actor_critic)
+    restored = checkpoints.restore(state, key, fp)
+    if restored:
+        state, key, record = restored
+        print(f"resumed PPO from iteration {record['iteration']} ({checkpoints.directory})")
+    agent = AgentConfig(mode="generate", greedy=False, temperature=1.0,
+                        max_history=config.max_history, max_action_tokens=12)
+    rng = np.random.default_rng(config.seed)
+    bar = tqdm(total=config.ppo_iterations, initial=_iteration(checkpoints), desc="PPO",
+               unit="iter")
+    with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs) as games:
+        for iteration in range(_iteration(checkpoints), config.ppo_iterations):
+            start = time.time()
+            key, play_key = jax.random.split(key)
+            policy = trainer.model(state)
+            seeds = rng.integers(0, 100_000, config.num_envs).tolist()
+            episodes, transitions = play(policy.lm, tokenizer, games, seeds, "train", play_key,
+                                         agent, value_head=policy.value_head)
+            collect_seconds = time.time() - start
+            finals = {g: text.encode_prompt(tokenizer, prompt_pieces(e, config.max_history),
+                                            step_tail(e.valid_actions))
+                      for g, e in enumerate(episodes) if e.truncated}
+            arrays, stats = prepare_rollout(transitions, finals, policy, reference, ppo_config,
+                                            pad_id=tokenizer.eos_token_id, action_len=16)
+            updates = []
+            for _ in range(ppo_config.epochs):
+                for batch in minibatches(arrays, ppo_config, rng):
+                    state, metrics = trainer.step(state, jax.tree.map(jnp.asarray, batch))
+                    updates.append({k: float(v) for k, v in metrics.items()})
+            record = dict(stage="ppo", iteration=iteration + 1, **stats,
+                          **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]},
+                          success_rate=float(np.mean([e.success for e in episodes])),
+                          mean_score=float(np.mean([e.score for e in episodes])),
+                          env_steps_per_s=len(transitions) / collect_seconds,
+                          iteration_seconds=time.time() - start)
+            log(record)
+            checkpoint_record = dict(fingerprint=fp, iteration=iteration + 1, metrics=record)
+            checkpoints.save(state, key, checkpoint_record)
+            if config.eval_every and (iteration + 1) % config.eval_every == 0:
+                scores = evaluate(trainer.model(state).lm, tokenizer, config, key, "PPO")
+                score = np.mean([r["mean_score"] for r in scores.values()])
+                best = checkpoints.record("best")
+                log(dict(stage="ppo_eval", iteration=iteration + 1, **scores))
+                if best is None or score > best["eval_score"]:
+                    checkpoints.save(state, key, dict(checkpoint_record, eval_score=score),
+                                     slot="best")
+            bar.update()
+            bar.set_postfix(score=f"{record['mean_score']:.2f}", kl=f"{record['kl_ref']:.3f}")
+    bar.close()
+    return trainer.model(state).lm
+
+
+def _iteration(checkpoints: Checkpointer) -> int:
+    record = checkpoints.record()
+    return record["iteration"] if record else 0
 
 
 def main(config: Config) -> dict:
@@ -172,6 +266,10 @@ def main(config: Config) -> dict:
     model, sft_seconds = sft(model, tokenizer, config, log)
     results["sft"] = evaluate(model, tokenizer, config, key, "SFT")
     results["sft_wall_time_s"] = sft_seconds
+    start = time.time()
+    model = ppo(model, tokenizer, config, key, log)
+    results["ppo"] = evaluate(model, tokenizer, config, key, "PPO")
+    results["ppo_wall_time_s"] = time.time() - start
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
     metrics_file.close()
@@ -182,13 +280,14 @@ def main(config: Config) -> dict:
 def print_summary(results: dict, config: Config) -> None:
     print(f"\n{'policy':<10} {'limit':>5} {'success (95% CI)':>22} {'score':>6} {'steps':>6} "
           f"{'invalid':>8}")
-    for policy in [p for p in ("zero_shot", "sft") if p in results]:
+    for policy in [p for p in ("zero_shot", "sft", "ppo") if p in results]:
         for limit in config.eval_step_limits:
             r = results[policy][f"limit_{limit}"]
             ci = f"{r['success_rate']:.2f} [{r['success_low']:.2f}, {r['success_high']:.2f}]"
             print(f"{policy:<10} {limit:>5} {ci:>22} {r['mean_score']:>6.2f} "
                   f"{r['mean_steps']:>6.1f} {r['invalid_rate']:>8.2f}")
-    print(f"SFT wall time {results['sft_wall_time_s']:.0f} s; run dir {config.run_dir}")
+    print(f"SFT {results['sft_wall_time_s']:.0f} s, PPO {results['ppo_wall_time_s']:.0f} s; "
+          f"run dir {config.run_dir}")
 
 
 def parse_args(argv=None) -> Config:

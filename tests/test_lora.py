@@ -190,3 +190,14 @@ def test_real_model_int8_quality(smollm2, embeddings):
     kl = np.sum(np.exp(logp_float) * (logp_float - logp_int8), axis=-1)
     assert float(kl.mean()) < 0.01
     assert np.mean(logp_float.argmax(-1) == logp_int8.argmax(-1)) > 0.95
+
+
+def test_init_states_do_not_share_donated_buffers():
+    model = tiny()
+    apply_lora(model, LoraConfig(), nnx.Rngs(1))
+    trainer = Trainer(model, make_optimizer(OptimConfig()), next_token_loss)
+    reference = trainer.model(trainer.init())
+    state = trainer.init()
+    batch = {"tokens": jnp.asarray(TOKENS)[:, None], "mask": jnp.ones((2, 1, 24), bool)}
+    trainer.step(state, batch)  # donates `state`
+    logits_of(reference, TOKENS)  # the reference still owns live arrays

@@ -56,7 +56,7 @@ def test_ratio_is_one_on_the_first_minibatch(rollout):
     _, count, metrics = ppo_loss(actor_critic, micro, CONFIG)
     assert float(metrics["ratio_max"] / count) == pytest.approx(1.0, abs=1e-4)
     assert float(metrics["clip_fraction"]) == 0.0
-    assert float(metrics["kl_ref"]) == pytest.approx(0.0, abs=1e-5)  # reference == policy
+    assert float(metrics["kl_ref_k3"]) == pytest.approx(0.0, abs=1e-5)  # reference == policy
 
 
 def test_rewards_land_on_their_step(rollout):

@@ -170,7 +170,7 @@ def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
     if config.kl_in == "loss":
         loss = loss + config.kl_coef * jnp.sum(kl * weight)
     metrics = dict(loss=loss, policy_loss=policy.loss, value_loss=value_loss,
-                   entropy=jnp.sum(entropy * weight), kl_ref=jnp.sum(kl * weight),
+                   entropy=jnp.sum(entropy * weight), kl_ref_k3=jnp.sum(kl * weight),
                    clip_fraction=policy.clip_fraction * jnp.sum(weight),
                    approx_kl=policy.approx_kl_k3 * jnp.sum(weight),
                    ratio_max=policy.ratio_max * jnp.sum(weight))

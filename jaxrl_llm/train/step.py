@@ -103,7 +103,13 @@ class Trainer:
                              donate_argnums=0)
 
     def init(self) -> TrainState:
-        return TrainState(self._trainable, self.optimizer.init(self._trainable), self._rng,
+        """A fresh state from the model's current adapters.
+
+        Each call returns its own buffers: `step` donates its state, and a model built from one
+        `init()` (e.g. a frozen KL reference) must not lose its arrays to another's update.
+        """
+        trainable, rng = jax.tree.map(jnp.copy, (self._trainable, self._rng))
+        return TrainState(trainable, self.optimizer.init(trainable), rng,
                           jnp.zeros((), jnp.int32))
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
