@@ -1,22 +1,64 @@
-"""Log-probabilities and entropies from logits: the one definition used by sampler and trainer."""
+"""Log-probabilities and entropies from logits: the one definition used by sampler and trainer.
+
+Everything here is computed in float32 whatever the logits' dtype (bf16 keeps about 3
+significant digits: too few for a log-softmax over a large vocabulary), and stays finite where a
+sampler masks logits with -inf (top-k / top-p filtering, forbidden tokens).
+"""
+
+import numbers
 
 import chex
 import jax
 import jax.numpy as jnp
 
 
-def token_logprobs(logits, targets, temperature=1.0):
-    """log softmax(logits / temperature)[targets] in float32: `[..., V]`, `[...]` -> `[...]`."""
+def token_logprobs(logits: chex.Array, targets: chex.Array,
+                   temperature: float | chex.Array = 1.0) -> chex.Array:
+    """log softmax(logits / temperature)[targets], in float32.
+
+    log p(y_t) = z_t[y_t] / tau - logsumexp_v(z_t[v] / tau): a sampler at temperature tau draws
+    from softmax(z / tau), so its log-probs are of that distribution; the trainer uses tau = 1.
+    The gather-then-logsumexp form never materialises a second `[B, T, V]` log-softmax array.
+
+    Args:
+      logits: `[B, T, V]` (any leading dims `[..., V]`), any float dtype.
+      targets: `[B, T]` (the leading dims of `logits`) integer ids in `[0, V)`.
+      temperature: tau > 0 (a Python number is checked; an array is trusted).
+    Returns:
+      `[B, T]` float32 log-probabilities of `targets`; -inf where a target's logit is -inf.
+    """
+    chex.assert_rank(logits, targets.ndim + 1)
+    chex.assert_equal_shape_prefix([logits, targets], targets.ndim)
+    if isinstance(temperature, numbers.Real) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = logits.astype(jnp.float32) / temperature
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
+    return target_logits[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
-def entropy_from_logits(logits):
-    """Entropy of softmax(logits) in float32: `[..., V]` -> `[...]` (no NaN with -inf logits)."""
+def entropy_from_logits(logits: chex.Array) -> chex.Array:
+    """Entropy H = -sum_v p_v log p_v of p = softmax(logits), in float32.
+
+    Computed as H = logsumexp(z) - sum_v p_v z_v on max-shifted logits z (no cancellation for
+    large logits); tokens with a -inf logit have p_v = 0 and contribute exactly 0 to the value
+    and to the gradient (a naive p * log p gives 0 * -inf = NaN in one or the other).
+
+    Args:
+      logits: `[B, T, V]` (any leading dims `[..., V]`), any float dtype; -inf allowed, with at
+        least one finite logit per distribution.
+    Returns:
+      `[B, T]` (the leading dims) float32 entropies in nats, in `[0, log V]`.
+    """
+    chex.assert_type(logits, float)
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
+    live = ~jnp.isneginf(logits)  # NaN stays live on purpose: it must show, not vanish
+    # Shift by the max (a constant for the gradient) so that z <= 0 and lse is O(log V).
+    shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    shifted = jnp.where(live, logits - shift, -jnp.inf)
+    probs = jax.nn.softmax(shifted, axis=-1)
+    # Where p = 0 because the logit is -inf, use z = 0 so that p * z is 0 with a 0 gradient.
+    expected_logit = jnp.sum(probs * jnp.where(live, shifted, 0.0), axis=-1)
+    return jax.nn.logsumexp(shifted, axis=-1) - expected_logit
 
 
 def score_responses(model, prompt_tokens, prompt_mask, response_tokens, response_mask, *,
