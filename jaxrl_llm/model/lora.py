@@ -113,20 +113,18 @@ def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
 def merge_lora(model: Transformer) -> Transformer:
     """Fold every adapter into a float kernel (in place): `W = base + scaling * A @ B`.
 
-    Int8 bases are dequantized, so the merged model is a plain float `Transformer` that can be
-    saved with `loading.save_hf_dir` and loaded by any Llama implementation.
+    Adapted int8 bases are dequantized; layers without adapters are left as they are
+    (`quant.dequantize_model` makes the whole model float, as `export.save_merged` does).
     """
     dtype = model.config.jnp_param_dtype
     for path, layer in lora_layers(model).items():
         parent_path, name = path.rsplit(".", 1)
-        parent = get_submodule(model, parent_path)
-        base = layer.base
-        kernel = (base.dequantized_kernel() if isinstance(base, Int8Linear)
-                  else base.kernel[...].astype(jnp.float32)) + layer.delta_kernel()
+        base = layer.base.to_linear(dtype) if isinstance(layer.base, Int8Linear) else layer.base
         merged = Linear(base.in_features, base.out_features, use_bias=base.bias is not None,
                         param_dtype=dtype, rngs=nnx.Rngs(0))
-        merged.kernel[...] = kernel.astype(dtype)
+        merged.kernel[...] = (base.kernel[...].astype(jnp.float32)
+                              + layer.delta_kernel()).astype(dtype)
         if base.bias is not None:
-            merged.bias[...] = base.bias[...].astype(dtype)
-        setattr(parent, name, merged)
+            merged.bias[...] = base.bias[...]
+        setattr(get_submodule(model, parent_path), name, merged)
     return model

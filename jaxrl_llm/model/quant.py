@@ -53,6 +53,15 @@ class Int8Linear(nnx.Module):
         """`[in, out]` float32 kernel `q * scale`."""
         return self.q[...].astype(jnp.float32) * self.scale[...][None, :]
 
+    def to_linear(self, param_dtype) -> Linear:
+        """The float `Linear` this layer approximates (weights `q * scale`)."""
+        linear = Linear(self.in_features, self.out_features, use_bias=self.bias is not None,
+                        param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        linear.kernel[...] = self.dequantized_kernel().astype(param_dtype)
+        if self.bias is not None:
+            linear.bias[...] = self.bias[...].astype(param_dtype)
+        return linear
+
     def __call__(self, x: jax.Array) -> jax.Array:
         y = (x @ self.q[...].astype(x.dtype)) * _lastdim(self.scale[...].astype(x.dtype), x.ndim)
         return y if self.bias is None else y + _lastdim(self.bias[...].astype(x.dtype), x.ndim)
@@ -65,6 +74,14 @@ class Int8Embed(nnx.Module):
         q, scale = quantize_int8(embed.embedding[...], axis=1)
         self.q = QuantizedWeight(q)
         self.scale = QuantizedWeight(scale)
+
+    def to_embed(self, param_dtype) -> Embed:
+        """The float `Embed` this table approximates."""
+        vocab_size, d_model = self.q.shape
+        embed = Embed(vocab_size, d_model, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        embed.embedding[...] = (self.q[...].astype(jnp.float32) * self.scale[...][:, None]
+                                ).astype(param_dtype)
+        return embed
 
     def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
         rows = jnp.take(self.q[...], tokens, axis=0).astype(dtype)
@@ -88,6 +105,18 @@ def quantize_model(model: Transformer, *, embeddings: bool = False) -> Transform
                 setattr(module, name, Int8Linear.from_linear(child))
     if embeddings:
         model.embed_tokens = Int8Embed(model.embed_tokens)
+    return model
+
+
+def dequantize_model(model: Transformer) -> Transformer:
+    """Inverse of `quantize_model` (in place): every int8 layer becomes its float equivalent."""
+    dtype = model.config.jnp_param_dtype
+    for path, module in list(nnx.iter_modules(model)):
+        for name, child in list(vars(module).items()):
+            if isinstance(child, Int8Linear):
+                setattr(module, name, child.to_linear(dtype))
+    if isinstance(model.embed_tokens, Int8Embed):
+        model.embed_tokens = model.embed_tokens.to_embed(dtype)
     return model
 
 
