@@ -151,7 +151,8 @@ def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
     optimizer = make_optimizer(OptimConfig(
         learning_rate=config.sft_learning_rate, warmup_steps=max(1, steps_per_epoch // 10),
         total_steps=steps_per_epoch * config.sft_epochs + 1))
-    trainer = Trainer(model, optimizer, functools.partial(completion_loss, remat=True))
+    trainer = Trainer(model, optimizer,
+                      functools.partial(completion_loss, remat=sft_config.remat))
     state = trainer.init()
     checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints", "sft"))
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
