@@ -1,0 +1,88 @@
+"""Run metrics: append-only JSONL (survives kills and resumes) and learning-curve plots.
+
+    with MetricsLog(os.path.join(run_dir, "metrics.jsonl")) as log:
+        log.write(dict(stage="ppo", iteration=1, reward=0.3))
+    plot_curves(read_jsonl(path), os.path.join(run_dir, "curves.png"), stage="ppo",
+                x="iteration", keys=("reward", "kl_ref"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes each, so a killed run loses nothing."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._file = open(path, "a+")
+        # A run killed mid-write leaves a partial line: end it so the next record stays whole.
+        if self._file.tell() > 0:
+            self._file.seek(self._file.tell() - 1)
+            if self._file.read(1) != "\n":
+                self._file.write("\n")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All records of a metrics file; a truncated last line (killed mid-write) is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def plot_curves(records: Sequence[dict], path: str, stage: str, x: str,
+                keys: Sequence[str], title: str = "") -> None:
+    """One small panel per metric in `keys` against `x`, for records with `stage == stage`.
+
+    Resumed runs may log an iteration twice: the last record for each `x` wins. Keys that no
+    record has are skipped, so one call serves configurations that log different metrics.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    by_x = {r[x]: r for r in records if r.get("stage") == stage and x in r}
+    rows = [by_x[k] for k in sorted(by_x)]
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, squeeze=False,
+                             figsize=(4 * cols, 2.8 * math.ceil(len(keys) / cols)))
+    for ax, key in zip(axes.flat, keys):
+        points = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel(x, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""Metrics JSONL survives a kill mid-write; plots keep the last record of a resumed iteration."""
+
+import os
+
+from jaxrl_llm.metrics import MetricsLog, plot_curves, read_jsonl
+
+
+def test_jsonl_round_trip_skips_a_truncated_line(tmp_path):
+    path = str(tmp_path / "run" / "metrics.jsonl")
+    with MetricsLog(path) as log:
+        log.write(dict(stage="ppo", iteration=1, reward=0.5))
+    with open(path, "a") as f:
+        f.write('{"stage": "ppo", "iter')  # a kill during a write
+    with MetricsLog(path) as log:  # a resumed run appends
+        log.write(dict(stage="ppo", iteration=2, reward=0.7))
+    assert [r["iteration"] for r in read_jsonl(path)] == [1, 2]
+
+
+def test_plot_curves_writes_a_png_and_skips_absent_keys(tmp_path, monkeypatch):
+    records = [dict(stage="ppo", iteration=1, reward=0.1), dict(stage="sft", step=1, loss=2.0),
+               dict(stage="ppo", iteration=1, reward=0.2), dict(stage="ppo", iteration=2,
+                                                                reward=0.3)]
+    plotted = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: plotted.append(a) or original(self, *a, **k))
+    path = str(tmp_path / "curves.png")
+    plot_curves(records, path, stage="ppo", x="iteration", keys=("reward", "absent"))
+    assert os.path.getsize(path) > 1000
+    assert plotted == [((1, 2), (0.2, 0.3))]  # last record of iteration 1 wins
+    plot_curves(records, str(tmp_path / "none.png"), stage="ppo", x="iteration", keys=("x",))
+    assert not os.path.exists(tmp_path / "none.png")
