@@ -9,8 +9,8 @@ policy; SFT on gold-path (prompt -> action) pairs of train games; evaluate the w
 iterations (collect in lockstep with sampling, KL to the frozen warm start, GAE, minibatch epochs
 from stored log-probs); evaluate on test games (both step limits).
 Outputs go to `--run-dir`: config.json, metrics.jsonl (one line per SFT step and per PPO
-iteration), eval.json, checkpoints/{latest,best}. Re-running with the same --run-dir resumes PPO
-from `latest` (at most the iteration in progress is lost).
+iteration), curves.png, eval.json, checkpoints/{latest,best}. Re-running with the same --run-dir
+resumes PPO from `latest` (at most the iteration in progress is lost).
 """
 
 from __future__ import annotations
@@ -32,17 +32,22 @@ from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint
 from jaxrl_llm.data import expert_dataset
+from jaxrl_llm.metrics import MetricsLog, plot_curves, read_jsonl
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
 from jaxrl_llm.model import ModelConfig, Transformer, load_model
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.quant import quantize_model
 from jaxrl_llm.model.value_head import ActorCritic
+from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
 from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu", "gpu")
+CURVES = ("mean_score", "success_rate", "env_reward", "kl_ref", "entropy", "clip_fraction",
+          "approx_kl", "explained_variance", "value_loss", "policy_loss", "valid_action_rate",
+          "env_steps_per_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Config:
     kl_coef: float = 0.2
     kl_in: str = "reward"
     num_envs: int = 8  # games stepped in lockstep (collection and evaluation)
+    mesh: tuple[int, ...] = (-1, 1, 1)  # data, fsdp, tensor axis sizes (-1: the rest)
     seed: int = 0
     run_dir: str = "runs/textworld_ppo"
 
@@ -82,6 +88,9 @@ class Config:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(self, name)}")
+        if len(self.mesh) != 3:
+            raise ValueError(f"--mesh takes 3 sizes (data fsdp tensor), got {self.mesh}")
+        MeshConfig(*self.mesh)  # validates the sizes
         if self.eval_games % self.num_envs and self.eval_games > self.num_envs:
             raise ValueError(f"--eval-games ({self.eval_games}) must be a multiple of "
                              f"--num-envs ({self.num_envs})")
@@ -117,7 +126,7 @@ def load_policy(config: Config):
     return model, tokenizer
 
 
-def evaluate(model, tokenizer, config: Config, key, label: str) -> dict:
+def evaluate(model, tokenizer, config: Config, key, label: str, mesh) -> dict:
     """Greedy play on test seeds 0..M-1 at every configured step limit."""
     results = {}
     agent = AgentConfig(mode=config.agent_mode, max_history=config.max_history,
@@ -131,7 +140,7 @@ def evaluate(model, tokenizer, config: Config, key, label: str) -> dict:
             for start in range(0, config.eval_games, num_envs):
                 seeds = list(range(start, start + num_envs))
                 eps, trs = play(model, tokenizer, games, seeds, "test", key, agent,
-                                on_step=lambda e: bar.update(num_envs))
+                                on_step=lambda e: bar.update(num_envs), mesh=mesh)
                 episodes += eps
                 transitions += trs
             bar.close()
@@ -139,7 +148,7 @@ def evaluate(model, tokenizer, config: Config, key, label: str) -> dict:
     return results
 
 
-def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
+def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]:
     """LoRA SFT on gold-path transitions of train seeds 0..N-1; returns the tuned model."""
     data = expert_dataset(GameConfig(), range(config.train_games), "train", tokenizer,
                           config.max_history, cache_dir=os.path.join(config.run_dir, "data"))
@@ -152,7 +161,7 @@ def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
         learning_rate=config.sft_learning_rate, warmup_steps=max(1, steps_per_epoch // 10),
         total_steps=steps_per_epoch * config.sft_epochs + 1))
     trainer = Trainer(model, optimizer,
-                      functools.partial(completion_loss, remat=sft_config.remat))
+                      functools.partial(completion_loss, remat=sft_config.remat), mesh=mesh)
     state = trainer.init()
     checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints", "sft"))
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
@@ -177,7 +186,7 @@ def sft(model, tokenizer, config: Config, log) -> tuple[nnx.Module, float]:
     return trainer.model(state), seconds
 
 
-def ppo(model, tokenizer, config: Config, key, log) -> nnx.Module:
+def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     """PPO iterations from the SFT policy; checkpoints `latest` each iteration (resumable)."""
     ppo_config = PPOConfig(learning_rate=config.ppo_learning_rate, epochs=config.ppo_epochs,
                            kl_coef=config.kl_coef, kl_in=config.kl_in,
@@ -186,7 +195,7 @@ def ppo(model, tokenizer, config: Config, key, log) -> nnx.Module:
     actor_critic = ActorCritic(model)
     trainer = Trainer(actor_critic, make_optimizer(OptimConfig(
         learning_rate=ppo_config.learning_rate, weight_decay=0.0)),
-        functools.partial(ppo_loss, config=ppo_config, remat=True))
+        functools.partial(ppo_loss, config=ppo_config, remat=True), mesh=mesh)
     state = trainer.init()
     reference = trainer.model(trainer.init())  # the frozen warm start: KL anchor
     checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints"))
@@ -207,7 +216,7 @@ def ppo(model, tokenizer, config: Config, key, log) -> nnx.Module:
             policy = trainer.model(state)
             seeds = rng.integers(0, 100_000, config.num_envs).tolist()
             episodes, transitions = play(policy.lm, tokenizer, games, seeds, "train", play_key,
-                                         agent, value_head=policy.value_head)
+                                         agent, value_head=policy.value_head, mesh=mesh)
             collect_seconds = time.time() - start
             finals = {g: text.encode_prompt(tokenizer, prompt_pieces(e, config.max_history),
                                             step_tail(e.valid_actions))
@@ -229,7 +238,7 @@ def ppo(model, tokenizer, config: Config, key, log) -> nnx.Module:
             checkpoint_record = dict(fingerprint=fp, iteration=iteration + 1, metrics=record)
             checkpoints.save(state, key, checkpoint_record)
             if config.eval_every and (iteration + 1) % config.eval_every == 0:
-                scores = evaluate(trainer.model(state).lm, tokenizer, config, key, "PPO")
+                scores = evaluate(trainer.model(state).lm, tokenizer, config, key, "PPO", mesh)
                 score = np.mean([r["mean_score"] for r in scores.values()])
                 best = checkpoints.record("best")
                 log(dict(stage="ppo_eval", iteration=iteration + 1, **scores))
@@ -251,29 +260,36 @@ def main(config: Config) -> dict:
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
-    metrics_file = open(os.path.join(config.run_dir, "metrics.jsonl"), "a")
+    metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
+    metrics = MetricsLog(metrics_path)
 
     def log(record):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        metrics.write(record)
+        if record["stage"] == "ppo":
+            plot_curves(read_jsonl(metrics_path), os.path.join(config.run_dir, "curves.png"),
+                        stage="ppo", x="iteration", keys=CURVES, title="TextWorld PPO")
 
     key = jax.random.key(config.seed)
     print(f"loading model ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}, "
           f"{config.quantize or 'float'} base, LoRA r={config.lora_rank})", flush=True)
+    mesh = make_mesh(MeshConfig(*config.mesh))
     model, tokenizer = load_policy(config)
+    shard_model(model, mesh)
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+          f"{dict(mesh.shape)}", flush=True)
     results = {}
     if config.zero_shot_eval:
-        results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot")
-    model, sft_seconds = sft(model, tokenizer, config, log)
-    results["sft"] = evaluate(model, tokenizer, config, key, "SFT")
+        results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot", mesh)
+    model, sft_seconds = sft(model, tokenizer, config, log, mesh)
+    results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh)
     results["sft_wall_time_s"] = sft_seconds
     start = time.time()
-    model = ppo(model, tokenizer, config, key, log)
-    results["ppo"] = evaluate(model, tokenizer, config, key, "PPO")
+    model = ppo(model, tokenizer, config, key, log, mesh)
+    results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh)
     results["ppo_wall_time_s"] = time.time() - start
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
-    metrics_file.close()
+    metrics.close()
     print_summary(results, config)
     return results
 

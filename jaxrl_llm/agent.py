@@ -77,11 +77,12 @@ class Transition:
 
 def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Array,
          config: AgentConfig, on_step: Callable[[list[Episode]], None] | None = None,
-         value_head=None) -> tuple[list[Episode], list[Transition]]:
+         value_head=None, mesh=None) -> tuple[list[Episode], list[Transition]]:
     """Play one episode in each game; returns the episodes and every transition in step order.
 
     With a `value_head`, each transition also records V(s) read from the sampler's hidden state
-    of the last prompt token (no extra forward pass).
+    of the last prompt token (no extra forward pass). With a `mesh`, the games' KV caches are
+    split over its data-parallel axes (`jaxrl_llm.sharding`).
     """
     episodes = games.reset(seeds, fold)
     stop = (tokenizer.eos_token_id, text.encode(tokenizer, "\n")[-1])
@@ -93,8 +94,8 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
         if state is None or config.max_history is not None:
             history = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
                        for e in episodes]
-            state = extend(model, DecodeState.empty(model.config, len(episodes), config.cache_len),
-                           *pad_right(history, pad_id=tokenizer.eos_token_id))
+            empty = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
+            state = extend(model, empty, *pad_right(history, pad_id=tokenizer.eos_token_id))
         active = [not e.done for e in episodes]
         # Finished games still occupy their row: they get a one-token tail and are ignored.
         tails = [text.encode_tail(tokenizer, step_tail(e.valid_actions)) if a

@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxrl_llm.logprobs import token_logprobs
 from jaxrl_llm.model.config import ModelConfig
 from jaxrl_llm.model.llama import KVCache, Transformer, check_tokens
+from jaxrl_llm.sharding import batch_shardings, place_like
 
 # Bucket widths: powers of two and 1.5x powers of two, so padding wastes at most a third.
 _BUCKETS = tuple(sorted({int(m * 2 ** e) for e in range(4, 16) for m in (1, 1.5)}))
@@ -98,12 +100,19 @@ class DecodeState:
     lengths: jax.Array  # [B] int32
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch_size: int, max_len: int) -> "DecodeState":
+    def empty(cls, config: ModelConfig, batch_size: int, max_len: int,
+              mesh: Mesh | None = None) -> "DecodeState":
+        """An empty cache; with `mesh`, rows are split over its data-parallel axes (and the
+        chunks later fed to this state follow the same split)."""
         if max_len > config.max_seq_len:
             raise ValueError(f"cache of {max_len} tokens exceeds the model's max_seq_len "
                              f"{config.max_seq_len}")
-        return cls(cache=KVCache.zeros(config, batch_size, max_len),
-                   lengths=jnp.zeros((batch_size,), jnp.int32))
+        make = lambda: cls(cache=KVCache.zeros(config, batch_size, max_len),
+                           lengths=jnp.zeros((batch_size,), jnp.int32))
+        if mesh is None:
+            return make()
+        # Created in place on the mesh: the full cache never sits on one device.
+        return jax.jit(make, out_shardings=batch_shardings(mesh, jax.eval_shape(make)))()
 
 
 def bucket_length(n: int) -> int:
@@ -292,7 +301,7 @@ def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: in
     # Attend to a bucketed filled prefix, not the whole cache: a long-lived multi-turn cache is
     # mostly empty, and reading it would cost as much as the new tokens themselves.
     widths = (min(bucket_length(used), max_len), min(bucket_length(used + extra), max_len))
-    return jnp.asarray(tokens), jnp.asarray(mask), n_real, widths
+    return *place_like(state.lengths, tokens, mask), n_real, widths
 
 
 def extend(model: Transformer, state: DecodeState, tokens, mask) -> DecodeState:
@@ -359,12 +368,14 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
     if np.any(n_real == 0):
         raise ValueError("every row needs at least one tail token to condition on")
     graphdef, params = nnx.split(model)
-    return _score_jit(graphdef, params, state, tail_tokens, tail_mask, jnp.asarray(candidates),
-                      jnp.asarray(candidate_mask, jnp.float32), prefill_width, key_width)
+    candidates, candidate_mask = place_like(state.lengths, candidates,
+                                            candidate_mask.astype(np.float32))
+    return _score_jit(graphdef, params, state, tail_tokens, tail_mask, candidates,
+                      candidate_mask, prefill_width, key_width)
 
 
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
-             sampling: SamplingConfig) -> GenerationOutput:
+             sampling: SamplingConfig, mesh: Mesh | None = None) -> GenerationOutput:
     """Sample responses for a batch of prompts.
 
     Args:
@@ -373,6 +384,8 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
       prompt_mask: `[B, P]` bool, True on real tokens (contiguous within a row).
       key: PRNG key.
       sampling: the sampling rule.
+      mesh: split the batch (and KV cache) over this mesh's data-parallel axes; place the
+        model's params with `sharding.shard_model` first.
     Returns:
       `GenerationOutput` with `[B, N]` tokens, log-probs and response mask, `N = max_new_tokens`.
     """
@@ -388,7 +401,7 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
     if max_len > model.config.max_seq_len:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens + {sampling.max_new_tokens} new "
                          f"tokens is longer than the model's max_seq_len {model.config.max_seq_len}")
-    state = DecodeState.empty(model.config, len(rows), max_len)
+    state = DecodeState.empty(model.config, len(rows), max_len, mesh)
     output, _ = generate_from(model, state, tokens, mask, key, sampling)
     return output
 

@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from jaxrl_llm.model.lora import TRAINABLE
+from jaxrl_llm.sharding import (MeshConfig, make_mesh, opt_state_shardings, shard_batch,
+                                state_shardings)
 
 # loss_fn(model, micro_batch) -> (loss_sum, count, metric_sums): the loss to minimise summed over
 # the micro-batch's tokens (or sequences), how many there were, and sums of metrics to report
@@ -89,18 +93,35 @@ class Trainer:
       state = trainer.init()
       state, metrics = trainer.step(state, micro_batches)   # state is donated
       model = trainer.model(state)                           # for sampling / eval
+
+    `trainable` is the NNX filter of what trains (default `lora.TRAINABLE`: adapters + value
+    head; `nnx.Param` trains every float weight of a small model, e.g. one built from scratch).
+
+    With a `mesh` (`jaxrl_llm.sharding`), the frozen base, adapters and optimizer moments are
+    placed by the partition rules and each micro-batch is split over the data-parallel axes;
+    without one, the mesh is the single default device: the same program either way.
     """
 
     def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation,
-                 loss_fn: LossFn):
-        self.graphdef, self._trainable, self._rng, self.frozen = nnx.split(
-            model, TRAINABLE, nnx.RngState, ...)
-        if not jax.tree.leaves(self._trainable):
+                 loss_fn: LossFn, mesh: Mesh | None = None, trainable=TRAINABLE):
+        self.graphdef, trainable, rng, frozen = nnx.split(model, trainable, nnx.RngState, ...)
+        if not jax.tree.leaves(trainable):
             raise ValueError("the model has no trainable parameters: attach LoRA adapters "
                              "(model.lora.apply_lora) or a value head first")
         self.optimizer = optimizer
+        self.mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]) if mesh is None else mesh
+        replicated = NamedSharding(self.mesh, P())
+        trainable_shardings = state_shardings(trainable, self.mesh)
+        self.shardings = TrainState(
+            trainable_shardings,
+            opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, trainable),
+                                trainable_shardings, self.mesh),
+            jax.tree.map(lambda _: replicated, rng), replicated)
+        self._trainable, self._rng = jax.device_put(
+            (trainable, rng), (self.shardings.trainable, self.shardings.rng))
+        self.frozen = jax.device_put(frozen, state_shardings(frozen, self.mesh))
         self._step = jax.jit(functools.partial(_train_step, self.graphdef, optimizer, loss_fn),
-                             donate_argnums=0)
+                             donate_argnums=0, out_shardings=(self.shardings, replicated))
 
     def init(self) -> TrainState:
         """A fresh state from the model's current adapters.
@@ -109,12 +130,15 @@ class Trainer:
         `init()` (e.g. a frozen KL reference) must not lose its arrays to another's update.
         """
         trainable, rng = jax.tree.map(jnp.copy, (self._trainable, self._rng))
-        return TrainState(trainable, self.optimizer.init(trainable), rng,
-                          jnp.zeros((), jnp.int32))
+        opt_state = jax.jit(self.optimizer.init,
+                            out_shardings=self.shardings.opt_state)(trainable)
+        return TrainState(trainable, opt_state, rng,
+                          jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step))
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimizer update from `batch` (leaves `[M, b, ...]`); returns new state, metrics."""
-        return self._step(state, self.frozen, batch)
+        """One optimizer update from `batch` (host arrays, leaves `[M, b, ...]`, b divisible by
+        the mesh's data-parallel size); returns the new state and metrics."""
+        return self._step(state, self.frozen, shard_batch(self.mesh, batch, batch_axis=1))
 
     def model(self, state: TrainState) -> nnx.Module:
         """The full model with `state`'s adapters (shares the frozen base's arrays)."""
