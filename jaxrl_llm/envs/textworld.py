@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 logger = logging.getLogger(__name__)
@@ -111,13 +112,18 @@ class TextWorldBatch:
     not done (their entry in `actions` is ignored once done). A game whose engine raises is
     restarted and its episode replayed from the seed and action history; if that fails too, the
     episode is marked truncated with a warning so a run never hangs or silently loses it.
+
+    Each engine is its own process, so `workers` threads talk to several at once (the Python
+    side only waits on sockets); see `benchmarks/games.py` for what that buys.
     """
 
-    def __init__(self, config: GameConfig, num_games: int):
-        if num_games < 1:
-            raise ValueError(f"num_games must be >= 1, got {num_games}")
+    def __init__(self, config: GameConfig, num_games: int, workers: int = 8):
+        for name, value in (("num_games", num_games), ("workers", workers)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.config = config
-        self._envs = [_make_env(config) for _ in range(num_games)]
+        self._pool = ThreadPoolExecutor(min(workers, num_games))
+        self._envs = list(self._pool.map(lambda _: _make_env(config), range(num_games)))
         self.episodes: list[Episode] = []
 
     @property
@@ -129,7 +135,8 @@ class TextWorldBatch:
         _check_fold(fold)
         if len(seeds) != self.num_games:
             raise ValueError(f"got {len(seeds)} seeds for {self.num_games} games")
-        self.episodes = [self._reset_one(i, int(s), fold, gold) for i, s in enumerate(seeds)]
+        self.episodes = list(self._pool.map(lambda i: self._reset_one(i, int(seeds[i]), fold, gold),
+                                            range(self.num_games)))
         return self.episodes
 
     def gold_actions(self, index: int) -> list[str]:
@@ -144,17 +151,20 @@ class TextWorldBatch:
     def step(self, actions: Sequence[str | None]) -> list[Episode]:
         if len(actions) != self.num_games:
             raise ValueError(f"got {len(actions)} actions for {self.num_games} games")
-        for index, (episode, action) in enumerate(zip(self.episodes, actions)):
-            if episode.done:
-                continue
-            try:
-                obs, reward, _, info = self._envs[index].step(action)
-            except Exception as error:  # a crashed JVM: replay once, else cut the episode
-                obs, reward, info = self._recover(index, episode, action, error)
-                if info is None:
-                    continue
-            self._record(episode, action, obs, reward, info)
+        list(self._pool.map(self._step_one, range(self.num_games), actions))
         return self.episodes
+
+    def _step_one(self, index: int, action: str | None) -> None:
+        episode = self.episodes[index]
+        if episode.done:
+            return
+        try:
+            obs, reward, _, info = self._envs[index].step(action)
+        except Exception as error:  # a crashed JVM: replay once, else cut the episode
+            obs, reward, info = self._recover(index, episode, action, error)
+            if info is None:
+                return
+        self._record(episode, action, obs, reward, info)
 
     def _record(self, episode: Episode, action: str, obs: str, reward: float, info) -> None:
         episode.actions.append(action)
@@ -185,6 +195,7 @@ class TextWorldBatch:
         for env in self._envs:
             env.close()
         self._envs = []
+        self._pool.shutdown()
 
     def __enter__(self) -> "TextWorldBatch":
         return self
