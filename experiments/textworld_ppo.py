@@ -78,13 +78,14 @@ class Config:
     kl_coef: float = 0.2
     kl_in: str = "reward"
     num_envs: int = 8  # games stepped in lockstep (collection and evaluation)
+    env_workers: int = 1  # threads talking to the game engines (pays with many games + cores)
     mesh: tuple[int, ...] = (-1, 1, 1)  # data, fsdp, tensor axis sizes (-1: the rest)
     seed: int = 0
     run_dir: str = "runs/textworld_ppo"
 
     def __post_init__(self):
         for name in ("train_games", "eval_games", "num_envs", "lora_rank", "sft_epochs",
-                     "ppo_step_limit"):
+                     "ppo_step_limit", "env_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(self, name)}")
@@ -104,7 +105,7 @@ class Config:
             "cpu": {},
             "gpu": dict(max_history=None, train_games=400, eval_games=128, num_envs=32,
                         sft_epochs=2, sft_batch_size=32, sft_micro_batch_size=8,
-                        ppo_iterations=50, ppo_epochs=2,
+                        ppo_iterations=50, ppo_epochs=2, env_workers=16,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
         }
         if name not in presets:
@@ -134,7 +135,8 @@ def evaluate(model, tokenizer, config: Config, key, label: str, mesh) -> dict:
     num_envs = min(config.num_envs, config.eval_games)
     for limit in config.eval_step_limits:
         episodes, transitions = [], []
-        with TextWorldBatch(GameConfig(step_limit=limit), num_envs) as games:
+        with TextWorldBatch(GameConfig(step_limit=limit), num_envs,
+                            workers=config.env_workers) as games:
             bar = tqdm(total=config.eval_games * limit, desc=f"eval {label} limit {limit}",
                        unit="step")
             for start in range(0, config.eval_games, num_envs):
@@ -209,7 +211,8 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     rng = np.random.default_rng(config.seed)
     bar = tqdm(total=config.ppo_iterations, initial=_iteration(checkpoints), desc="PPO",
                unit="iter")
-    with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs) as games:
+    with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs,
+                        workers=config.env_workers) as games:
         for iteration in range(_iteration(checkpoints), config.ppo_iterations):
             start = time.time()
             key, play_key = jax.random.split(key)

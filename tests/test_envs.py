@@ -161,3 +161,14 @@ def test_expert_dataset_round_trips_through_cache(tmp_path):
     again = expert_dataset(GameConfig(), [3], "train", tokenizer, max_history=2,
                            cache_dir=str(tmp_path), progress=False)
     assert again.to_list() == first.to_list() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_thread_pool_plays_the_same_games():
+    def run(workers):
+        with TextWorldBatch(GameConfig(step_limit=3), 3, workers=workers) as batch:
+            episodes = batch.reset([0, 1, 2], "train")
+            for _ in range(3):
+                episodes = batch.step([e.valid_actions[0] for e in episodes])
+            return [(e.observations, e.rewards, e.truncated) for e in episodes]
+
+    assert run(workers=3) == run(workers=1)

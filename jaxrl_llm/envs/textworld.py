@@ -113,11 +113,12 @@ class TextWorldBatch:
     restarted and its episode replayed from the seed and action history; if that fails too, the
     episode is marked truncated with a warning so a run never hangs or silently loses it.
 
-    Each engine is its own process, so `workers` threads talk to several at once (the Python
-    side only waits on sockets); see `benchmarks/games.py` for what that buys.
+    Each engine is its own process, so `workers` threads can talk to several at once (the
+    Python side only waits on sockets). On 2 cores that pays only for many games (128 games:
+    ~1.4x env-steps/s with 16 threads; 8 games: none), see `benchmarks/games.py`.
     """
 
-    def __init__(self, config: GameConfig, num_games: int, workers: int = 8):
+    def __init__(self, config: GameConfig, num_games: int, workers: int = 1):
         for name, value in (("num_games", num_games), ("workers", workers)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
