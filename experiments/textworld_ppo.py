@@ -297,15 +297,21 @@ def main(config: Config) -> dict:
     return results
 
 
-def print_summary(results: dict, config: Config) -> None:
-    print(f"\n{'policy':<10} {'limit':>5} {'success (95% CI)':>22} {'score':>6} {'steps':>6} "
+def print_table(results: dict, step_limits) -> None:
+    """One row per (policy, step limit): success with its 95% interval, score, steps, invalid."""
+    print(f"\n{'policy':<20} {'limit':>5} {'success (95% CI)':>22} {'score':>6} {'steps':>6} "
           f"{'invalid':>8}")
-    for policy in [p for p in ("zero_shot", "sft", "ppo") if p in results]:
-        for limit in config.eval_step_limits:
-            r = results[policy][f"limit_{limit}"]
+    for policy, by_limit in results.items():
+        for limit in step_limits:
+            r = by_limit[f"limit_{limit}"]
             ci = f"{r['success_rate']:.2f} [{r['success_low']:.2f}, {r['success_high']:.2f}]"
-            print(f"{policy:<10} {limit:>5} {ci:>22} {r['mean_score']:>6.2f} "
+            print(f"{policy:<20} {limit:>5} {ci:>22} {r['mean_score']:>6.2f} "
                   f"{r['mean_steps']:>6.1f} {r['invalid_rate']:>8.2f}")
+
+
+def print_summary(results: dict, config: Config) -> None:
+    print_table({p: results[p] for p in ("zero_shot", "sft", "ppo") if p in results},
+                config.eval_step_limits)
     print(f"SFT {results['sft_wall_time_s']:.0f} s, PPO {results['ppo_wall_time_s']:.0f} s; "
           f"run dir {config.run_dir}")
 

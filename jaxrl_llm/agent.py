@@ -164,6 +164,33 @@ def _choose_by_score(model, tokenizer, state, episodes, tails, key, config):
     return actions, action_ids, scores[np.arange(len(choice)), choice].tolist(), hidden, state
 
 
+BASELINES = ("random", "gold")
+
+
+def play_baseline(games: TextWorldBatch, seeds, fold: str, policy: str,
+                  rng: np.random.Generator) -> tuple[list[Episode], list[Transition]]:
+    """Reference policies without a model: a uniformly random valid action, or the expert's
+    gold path (cut by the step limit like any policy). Transitions carry only action validity."""
+    if policy not in BASELINES:
+        raise ValueError(f"baseline policy must be one of {BASELINES}, got {policy!r}")
+    episodes = games.reset(seeds, fold, gold=policy == "gold")
+    gold = [games.gold_actions(i) for i in range(games.num_games)] if policy == "gold" else None
+    transitions: list[Transition] = []
+    while not all(e.done for e in episodes):
+        actions = []
+        for game, e in enumerate(episodes):
+            if e.done:
+                actions.append(None)
+                continue
+            action = (gold[game][e.num_steps] if gold and e.num_steps < len(gold[game])
+                      else str(rng.choice(e.valid_actions)))
+            transitions.append(Transition(game, e.num_steps, [], [], 0.0, action,
+                                          action in e.valid_actions))
+            actions.append(action)
+        episodes = games.step(actions)
+    return episodes, transitions
+
+
 def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[str, float]:
     """Success rate with a 95% Wilson interval, normalized score, steps, invalid and failure rates."""
     n = len(episodes)

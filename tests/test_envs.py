@@ -172,3 +172,24 @@ def test_thread_pool_plays_the_same_games():
             return [(e.observations, e.rewards, e.truncated) for e in episodes]
 
     assert run(workers=3) == run(workers=1)
+
+
+def test_baselines_gold_solves_with_room_and_random_is_valid():
+    from jaxrl_llm.agent import play_baseline, summarize
+
+    with TextWorldBatch(GameConfig(step_limit=32), 2) as batch:
+        gold = summarize(*play_baseline(batch, [0, 1], "test", "gold", np.random.default_rng(0)))
+        episodes, transitions = play_baseline(batch, [0, 1], "test", "random",
+                                              np.random.default_rng(0))
+    assert gold["success_rate"] == 1.0 and gold["mean_score"] == 1.0
+    assert transitions and all(t.valid for t in transitions)
+    assert all(e.done for e in episodes)
+    with pytest.raises(ValueError, match="baseline policy must be one of"):
+        play_baseline(batch, [0, 1], "test", "expert", np.random.default_rng(0))
+
+
+def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path):
+    from experiments.textworld_eval import main
+
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        main(["--policies", "sft", "--run-dir", str(tmp_path)])

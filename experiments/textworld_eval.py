@@ -1,0 +1,103 @@
+"""Evaluate TextWorld policies on held-out test games, at every step limit, in one table.
+
+    python -m experiments.textworld_eval --policies random gold --games 100
+    python -m experiments.textworld_eval --policies zero-shot sft --modes score generate \\
+        --games 16 --run-dir runs/textworld_ppo
+
+Policies: `random` (uniform valid action), `gold` (the expert path, cut by the step limit),
+`zero-shot` (the base model with fresh, zero-effect adapters), `sft` (the SFT adapters of
+`--run-dir`, as written by `experiments.textworld_ppo`). Model policies act greedily, in each of
+`--modes`. Test seeds 0..games-1; results also go to `<run-dir>/eval_table.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from experiments.textworld_ppo import Config, evaluate, load_policy, print_table, sft
+from jaxrl_llm.agent import BASELINES, play_baseline, summarize
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
+from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
+
+POLICIES = BASELINES + ("zero-shot", "sft")
+
+
+def evaluate_baseline(policy: str, config: Config) -> dict:
+    results = {}
+    for limit in config.eval_step_limits:
+        episodes, transitions = [], []
+        num_envs = min(config.num_envs, config.eval_games)
+        with TextWorldBatch(GameConfig(step_limit=limit), num_envs,
+                            workers=config.env_workers) as games:
+            for start in tqdm(range(0, config.eval_games, num_envs), desc=f"{policy} {limit}"):
+                eps, trs = play_baseline(games, list(range(start, start + num_envs)), "test",
+                                         policy, np.random.default_rng(start))
+                episodes += eps
+                transitions += trs
+        results[f"limit_{limit}"] = summarize(episodes, transitions)
+    return results
+
+
+def run_config(run_dir: str | None, **overrides) -> Config:
+    """The configuration of an existing run (its config.json), else the cpu preset."""
+    if run_dir is None:
+        return Config.preset("cpu", **overrides)
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --run-dir must be a directory written by "
+                                "python -m experiments.textworld_ppo")
+    with open(path) as f:
+        saved = json.load(f)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return dataclasses.replace(Config(**saved), **overrides)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--policies", nargs="+", default=["random", "gold"], choices=POLICIES)
+    parser.add_argument("--modes", nargs="+", default=["score"], choices=["score", "generate"])
+    parser.add_argument("--games", type=int, default=100, help="test seeds 0..N-1")
+    parser.add_argument("--step-limits", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--run-dir", default=None, help="a textworld_ppo run (for sft)")
+    args = parser.parse_args(argv)
+    config = run_config(args.run_dir, eval_games=args.games,
+                        eval_step_limits=tuple(args.step_limits),
+                        num_envs=math.gcd(args.games, Config().num_envs))
+    if "sft" in args.policies and (args.run_dir is None or Checkpointer(
+            os.path.join(args.run_dir, "checkpoints", "sft")).record() is None):
+        raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
+                         "experiments.textworld_ppo first)")
+    results, mesh, model = {}, make_mesh(MeshConfig(*config.mesh)), None
+    for policy in args.policies:
+        if policy in BASELINES:
+            results[policy] = evaluate_baseline(policy, config)
+            continue
+        if model is None:
+            model, tokenizer = load_policy(config)
+            shard_model(model, mesh)
+        policy_model = model
+        if policy == "sft":
+            policy_model, _ = sft(model, tokenizer, config, lambda record: None, mesh)
+        for mode in args.modes:
+            results[f"{policy} ({mode})"] = evaluate(
+                policy_model, tokenizer, dataclasses.replace(config, agent_mode=mode),
+                jax.random.key(config.seed), f"{policy} {mode}", mesh)
+    out_dir = args.run_dir or "runs/textworld_eval"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval_table.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results, config.eval_step_limits)
+    return results
+
+
+if __name__ == "__main__":
+    main()
