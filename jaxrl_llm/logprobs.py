@@ -61,12 +61,14 @@ def entropy_from_logits(logits: chex.Array) -> chex.Array:
     return jax.nn.logsumexp(shifted, axis=-1) - expected_logit
 
 
-def score_responses(model, prompt_tokens, prompt_mask, response_tokens, response_mask, *,
-                    remat: bool = False):
-    """Log-probs of given responses under `model`, in one forward pass over prompt + response.
+def response_hidden_states(model, prompt_tokens, prompt_mask, response_tokens, response_mask, *,
+                           remat: bool = False):
+    """Final hidden states at the positions that predict each response token, one forward pass.
 
     The prompt must be left-padded and the response right-padded, so that every row's last
-    prompt token sits at column P - 1 and the slices below are static.
+    prompt token sits at column P - 1 and the slice is static. Column 0 of the result is the
+    last prompt token (where a value head reads V(prompt)), column t the state after response
+    tokens 0..t-1 (a per-token value head's input).
 
     Args:
       model: a `jaxrl_llm.model.Transformer` (LoRA / int8 variants included).
@@ -74,10 +76,7 @@ def score_responses(model, prompt_tokens, prompt_mask, response_tokens, response
       response_tokens: `[B, R]` int, right-padded; response_mask: `[B, R]` bool.
       remat: recompute activations in the backward pass (long prompts, little memory).
     Returns:
-      `(logprobs [B, R], entropy [B, R], prompt_hidden [B, D])`: float32 log-prob of each
-      response token given everything before it (0 where masked), the entropy of the model's
-      next-token distribution at each response position, and the final hidden state of the last
-      prompt token (where a value head reads the state value).
+      `[B, R, D]` hidden states (finite, but meaningless where `response_mask` is False).
     """
     chex.assert_rank([prompt_tokens, prompt_mask, response_tokens, response_mask], 2)
     chex.assert_equal_shape([prompt_tokens, prompt_mask])
@@ -90,8 +89,23 @@ def score_responses(model, prompt_tokens, prompt_mask, response_tokens, response
     hidden, _ = model.hidden_states(tokens, positions_from_mask(mask), causal_mask(mask),
                                     remat=remat)
     # Position t predicts token t + 1: the response is predicted from columns P-1 .. P+R-2.
-    predicting = hidden[:, num_prompt - 1:num_prompt + num_response - 1]
+    return hidden[:, num_prompt - 1:num_prompt + num_response - 1]
+
+
+def score_responses(model, prompt_tokens, prompt_mask, response_tokens, response_mask, *,
+                    remat: bool = False):
+    """Log-probs of given responses under `model`, in one forward pass over prompt + response.
+
+    Args: as `response_hidden_states` (left-padded prompt, right-padded response).
+    Returns:
+      `(logprobs [B, R], entropy [B, R], prompt_hidden [B, D])`: float32 log-prob of each
+      response token given everything before it (0 where masked), the entropy of the model's
+      next-token distribution at each response position, and the final hidden state of the last
+      prompt token (where a value head reads the state value).
+    """
+    predicting = response_hidden_states(model, prompt_tokens, prompt_mask, response_tokens,
+                                        response_mask, remat=remat)
     logits = model.logits(predicting)  # [B, R, V]: the LM head only where it is needed
     response_mask = response_mask.astype(jnp.float32)
     logprobs = token_logprobs(logits, response_tokens) * response_mask
-    return logprobs, entropy_from_logits(logits), hidden[:, num_prompt - 1]
+    return logprobs, entropy_from_logits(logits), predicting[:, 0]
