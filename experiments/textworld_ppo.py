@@ -32,8 +32,8 @@ from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint
 from jaxrl_llm.data import expert_dataset
-from jaxrl_llm.metrics import MetricsLog, plot_curves, read_jsonl
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
+from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model import ModelConfig, Transformer, load_model
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.quant import quantize_model
@@ -260,18 +260,9 @@ def _iteration(checkpoints: Checkpointer) -> int:
 
 
 def main(config: Config) -> dict:
-    os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-    metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
-    metrics = MetricsLog(metrics_path)
-
-    def log(record):
-        metrics.write(record)
-        if record["stage"] == "ppo":
-            plot_curves(read_jsonl(metrics_path), os.path.join(config.run_dir, "curves.png"),
-                        stage="ppo", x="iteration", keys=CURVES, title="TextWorld PPO")
-
+    run = RunDir(config.run_dir, config, stage="ppo", x="iteration", keys=CURVES,
+                 title="TextWorld PPO")
+    log = run.log
     key = jax.random.key(config.seed)
     print(f"loading model ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}, "
           f"{config.quantize or 'float'} base, LoRA r={config.lora_rank})", flush=True)
@@ -292,7 +283,7 @@ def main(config: Config) -> dict:
     results["ppo_wall_time_s"] = time.time() - start
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
-    metrics.close()
+    run.close()
     print_summary(results, config)
     return results
 

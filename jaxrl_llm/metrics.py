@@ -1,4 +1,5 @@
-"""Run metrics: append-only JSONL (survives kills and resumes) and learning-curve plots.
+"""Run metrics: append-only JSONL (survives kills and resumes), learning-curve plots, and
+`RunDir`, the output directory every experiment writes.
 
     with MetricsLog(os.path.join(run_dir, "metrics.jsonl")) as log:
         log.write(dict(stage="ppo", iteration=1, reward=0.3))
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +41,32 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RunDir:
+    """An experiment's output directory: config.json, metrics.jsonl and curves.png.
+
+    `log(record)` appends the record and, for records of `stage`, redraws the curves of `keys`
+    against `x`, so the picture is current whenever a run is stopped.
+    """
+
+    def __init__(self, path: str, config, stage: str, x: str, keys: Sequence[str],
+                 title: str = ""):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+        self.metrics_path = os.path.join(path, "metrics.jsonl")
+        self.curves_path = os.path.join(path, "curves.png")
+        self._metrics = MetricsLog(self.metrics_path)
+        self._plot = dict(stage=stage, x=x, keys=keys, title=title)
+
+    def log(self, record: dict) -> None:
+        self._metrics.write(record)
+        if record.get("stage") == self._plot["stage"]:
+            plot_curves(read_jsonl(self.metrics_path), self.curves_path, **self._plot)
+
+    def close(self) -> None:
+        self._metrics.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
