@@ -32,6 +32,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxrl_llm import losses
+from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.generation import SamplingConfig, bucket_length, generate, pad_left
 from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
@@ -89,13 +90,10 @@ class Config:
     run_dir: str = "runs/arithmetic_rlhf"
 
     def __post_init__(self):
-        for name in ("max_value", "max_difference", "min_terms", "d_model", "num_layers",
-                     "sft_examples", "sft_batch_size", "rm_pairs", "rm_batch_size",
-                     "heldout_problems", "rl_prompts", "rl_epochs", "rl_minibatch_size",
-                     "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
-                                 f"got {getattr(self, name)}")
+        require_at_least_one(self, ("max_value", "max_difference", "min_terms", "d_model",
+                                    "num_layers", "sft_examples", "sft_batch_size", "rm_pairs",
+                                    "rm_batch_size", "heldout_problems", "rl_prompts",
+                                    "rl_epochs", "rl_minibatch_size", "eval_every"), cli=True)
         if self.max_terms < self.min_terms:
             raise ValueError(f"--max-terms ({self.max_terms}) must be >= --min-terms "
                              f"({self.min_terms})")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint
+from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import expert_dataset
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
 from jaxrl_llm.metrics import RunDir
@@ -84,11 +85,8 @@ class Config:
     run_dir: str = "runs/textworld_ppo"
 
     def __post_init__(self):
-        for name in ("train_games", "eval_games", "num_envs", "lora_rank", "sft_epochs",
-                     "ppo_step_limit", "env_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
-                                 f"got {getattr(self, name)}")
+        require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",
+                                    "sft_epochs", "ppo_step_limit", "env_workers"), cli=True)
         if len(self.mesh) != 3:
             raise ValueError(f"--mesh takes 3 sizes (data fsdp tensor), got {self.mesh}")
         MeshConfig(*self.mesh)  # validates the sizes

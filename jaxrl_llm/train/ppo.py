@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxrl_llm import losses
 from jaxrl_llm.agent import Transition
+from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
 
@@ -69,12 +70,8 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.clip_eps must be > 0, got {self.clip_eps}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        for name in ("epochs", "minibatch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.minibatch_size % self.micro_batch_size:
-            raise ValueError(f"minibatch_size={self.minibatch_size} must be a multiple of "
-                             f"micro_batch_size={self.micro_batch_size}")
+        require_at_least_one(self, ("epochs", "minibatch_size", "micro_batch_size"))
+        require_micro_batches(self, "minibatch_size")
         if min(self.value_clip, self.vf_coef, self.kl_coef, self.entropy_coef) < 0:
             raise ValueError("value_clip, vf_coef, kl_coef and entropy_coef must be >= 0")
 

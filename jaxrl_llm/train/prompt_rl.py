@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from jaxrl_llm import losses
+from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 from jaxrl_llm.generation import SamplingConfig, generate, pad_left
 from jaxrl_llm.logprobs import entropy_from_logits, response_hidden_states, token_logprobs
 from jaxrl_llm.model.lora import TRAINABLE
@@ -109,15 +110,12 @@ class PromptRLConfig:
             raise ValueError(f"PromptRLConfig.num_samples must be >= 2 for {self.algorithm} (its "
                              f"baseline comes from the other samples of a prompt), got "
                              f"{self.num_samples}")
-        for name in ("num_samples", "epochs", "minibatch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PromptRLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("num_samples", "epochs", "minibatch_size",
+                                    "micro_batch_size"))
         if self.algorithm not in CLIPPED and self.epochs != 1:
             raise ValueError(f"PromptRLConfig.epochs must be 1 for {self.algorithm} (an on-policy "
                              f"gradient); use grpo, dr_grpo or ppo for several epochs")
-        if self.minibatch_size % self.micro_batch_size:
-            raise ValueError(f"PromptRLConfig.minibatch_size={self.minibatch_size} must be a "
-                             f"multiple of micro_batch_size={self.micro_batch_size}")
+        require_micro_batches(self, "minibatch_size")
         s = self.sampling
         if s.greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0:
             raise ValueError("PromptRLConfig.sampling must draw from the policy itself "

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
 
@@ -36,12 +37,8 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "micro_batch_size", "completion_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"SFTConfig.batch_size={self.batch_size} must be a multiple of "
-                             f"micro_batch_size={self.micro_batch_size}")
+        require_at_least_one(self, ("epochs", "batch_size", "micro_batch_size", "completion_len"))
+        require_micro_batches(self, "batch_size")
 
 
 def completion_loss(model, batch, remat: bool = False):
