@@ -38,7 +38,6 @@ def run_ours(args) -> dict:
     import functools
 
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from jaxrl_llm.model import load_model
@@ -53,8 +52,7 @@ def run_ours(args) -> dict:
                       functools.partial(completion_loss, remat=args.remat))
     config = SFTConfig(batch_size=EXAMPLES, micro_batch_size=args.micro_batch,
                        completion_len=16, remat=args.remat)
-    batch = jax.tree.map(jnp.asarray, next(batches(prompts, actions, config, 0,
-                                                  pad_id=tokenizer.eos_token_id)))
+    batch = next(batches(prompts, actions, config, 0, pad_id=tokenizer.eos_token_id))
     state = trainer.init()
     state, metrics = trainer.step(state, batch)  # compile + warm-up
     jax.block_until_ready(metrics)

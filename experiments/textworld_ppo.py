@@ -23,7 +23,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -173,7 +172,7 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     for epoch in range(config.sft_epochs):
         for batch in batches(data["prompt_ids"], data["action_ids"], sft_config, epoch,
                              pad_id=tokenizer.eos_token_id):
-            state, metrics = trainer.step(state, jax.tree.map(jnp.asarray, batch))
+            state, metrics = trainer.step(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
@@ -227,7 +226,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
             updates = []
             for _ in range(ppo_config.epochs):
                 for batch in minibatches(arrays, ppo_config, rng):
-                    state, metrics = trainer.step(state, jax.tree.map(jnp.asarray, batch))
+                    state, metrics = trainer.step(state, batch)
                     updates.append({k: float(v) for k, v in metrics.items()})
             record = dict(stage="ppo", iteration=iteration + 1, **stats,
                           **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]},
