@@ -66,5 +66,11 @@ class ByteTokenizer:
             input_ids = list(text.encode())
         return Encoded()
 
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(int(i) for i in ids if i < 256).decode(errors="replace")
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r) for r in rows]

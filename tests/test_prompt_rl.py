@@ -76,9 +76,11 @@ def test_reward_increases(algorithm):
     assert record["kl_ref"] > 0  # it moved away from the reference
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_ratio_is_exactly_one_on_the_first_minibatch(algorithm):
+@pytest.mark.parametrize("algorithm, top_k", [("ppo", 0), ("grpo", 0), ("ppo", 4)])
+def test_ratio_is_exactly_one_on_the_first_minibatch(algorithm, top_k):
     trainer, reference, config = setup(algorithm)
+    # top_k: samples of the truncated policy, old log-probs recomputed under the full one (trlX).
+    config = dataclasses.replace(config, sampling=dataclasses.replace(SAMPLING, top_k=top_k))
     state = trainer.init()
     arrays, _ = collect(trainer.model(state), reference, PROMPTS, target_fraction,
                         jax.random.key(1), config.kl_coef, config)
@@ -194,7 +196,7 @@ def test_bad_rewards_name_the_function():
     (dict(algorithm="grpo", num_samples=1), "num_samples must be >= 2 for grpo"),
     (dict(algorithm="dr_grpo", num_samples=1), "num_samples must be >= 2 for dr_grpo"),
     (dict(algorithm="rloo", epochs=2), "epochs must be 1 for rloo"),
-    (dict(sampling=SamplingConfig(temperature=0.7)), "must draw from the policy itself"),
+    (dict(sampling=SamplingConfig(temperature=0.7)), "must sample at temperature 1"),
     (dict(minibatch_size=12, micro_batch_size=8), "multiple of micro_batch_size=8"),
     (dict(kl_in="both"), "kl_in must be one of reward, loss"),
     (dict(kl_target=0.0), "kl_target must be > 0"),

@@ -64,8 +64,10 @@ class PromptRLConfig:
     Attributes:
       algorithm: one of `ALGORITHMS`.
       num_samples: k responses per prompt (>= 2 except for ppo, whose baseline is the critic).
-      sampling: the sampler; it must draw from the policy itself (temperature 1, no top-k /
-        top-p), because its log-probs are the old log-probs of the ratio.
+      sampling: the sampler. Drawing from the policy itself (temperature 1, no top-k / top-p)
+        is on-policy and its log-probs are the ratio's old ones. With top_k / top_p the old
+        log-probs are recomputed under the unfiltered policy by a forward pass (trlX's rule,
+        notebook 002): ratios start at 1, the samples are slightly off-policy.
       epochs: passes over an iteration's responses (1 for reinforce / rloo: on-policy losses).
       minibatch_size: responses per optimizer step; micro_batch_size: per forward/backward.
       clip_eps: ratio clip of the surrogate (0.2).
@@ -117,10 +119,10 @@ class PromptRLConfig:
                              f"gradient); use grpo, dr_grpo or ppo for several epochs")
         require_micro_batches(self, "minibatch_size")
         s = self.sampling
-        if s.greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0:
-            raise ValueError("PromptRLConfig.sampling must draw from the policy itself "
-                             "(temperature=1, top_k=0, top_p=1, greedy=False): its log-probs are "
-                             f"the old log-probs of the ratio; got {s}")
+        if s.greedy or s.temperature != 1.0:
+            raise ValueError("PromptRLConfig.sampling must sample at temperature 1 "
+                             "(greedy=False): a policy gradient needs the policy's own "
+                             f"distribution; got {s}")
         if not self.clip_eps > 0:
             raise ValueError(f"PromptRLConfig.clip_eps must be > 0, got {self.clip_eps}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -143,6 +145,11 @@ class PromptRLConfig:
         if self.reduction not in losses.REDUCTIONS:
             raise ValueError(f"PromptRLConfig.reduction must be one of "
                              f"{', '.join(losses.REDUCTIONS)}, got {self.reduction!r}")
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the sampler truncates the policy (top-k / top-p)."""
+        return bool(self.sampling.top_k) or self.sampling.top_p < 1.0
 
     @property
     def norm_constant(self) -> float:
@@ -284,11 +291,15 @@ def collect(policy: nnx.Module, reference: nnx.Module, prompts: Sequence[Sequenc
                                          range(config.num_samples)],
                              [r[m].tolist() for r, m in zip(arrays["response"], mask)])
     ref_logprobs, _ = score_rollout(reference, arrays, config.minibatch_size)
+    if config.filtered:  # the sampler's log-probs are of the truncated distribution
+        arrays["old_logprobs"], _ = score_rollout(policy_lm(policy), arrays,
+                                                  config.minibatch_size)
     old_logprobs = arrays["old_logprobs"]
     # k1 on samples of the policy: the unbiased per-response KL(pi || ref) (Ziegler et al.).
     kl = np.asarray(losses.masked_sum(losses.kl_k1(old_logprobs, ref_logprobs), mask, axis=1))
     stats = dict(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                  kl_ref=float(kl.mean()), kl_coef=kl_coef,
+                 ref_logprob=float(ref_logprobs[mask].mean()),  # fluency under the reference
                  response_length=float(mask.sum(1).mean()))
     if config.algorithm == "ppo":
         _, values = score_rollout(policy, arrays, config.minibatch_size)
