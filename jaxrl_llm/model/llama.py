@@ -98,10 +98,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values of every layer: `keys[l], values[l]: [B, S, KVH, Dh]`.
+    """Preallocated keys/values of every layer: `keys[l], values[l]: [B, KVH, S, Dh]`.
 
     Slot s of row b holds the token at position s of that row; which slots are filled is
-    bookkeeping of the caller (`jaxrl_llm.generation.DecodeState.lengths`).
+    bookkeeping of the caller (`jaxrl_llm.generation.DecodeState.lengths`). Heads lead the slots
+    so that attention reads the cache as it lies: a decode step then moves no cache bytes
+    besides the one slot it writes (a `[B, S, KVH, Dh]` layout cost a transpose of the whole
+    cache per layer and step).
     """
 
     keys: tuple[jax.Array, ...]
@@ -109,19 +112,20 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
-        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim_)
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim_)
         # Distinct buffers per layer and for keys/values: the cache is donated to jit.
         zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
         return cls(keys=zeros(), values=zeros())
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache `[B, S, ...]` with `new [B, T, ...]` written at slots `[start[b], start[b] + T)`."""
-    write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)
+    """cache `[B, KVH, S, Dh]` with `new [B, KVH, T, Dh]` written at slots
+    `[start[b], start[b] + T)`."""
+    write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
     return jax.vmap(write)(cache, new.astype(cache.dtype), start)
 
 
@@ -129,17 +133,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) ->
     """Grouped-query softmax attention.
 
     Args:
-      q: `[B, T, H, Dh]` queries; k, v: `[B, S, KVH, Dh]`, KVH divides H.
+      q: `[B, T, H, Dh]` queries; k, v: `[B, KVH, S, Dh]` (the cache layout), KVH divides H.
       attn_mask: `[B, T, S]` bool, True where query t may attend to key s.
     Returns:
       `[B, T, H, Dh]` in q's dtype (scores and softmax in float32).
     """
     b, t, h, hd = q.shape
-    kvh, groups = k.shape[2], h // k.shape[2]
+    kvh, groups = k.shape[1], h // k.shape[1]
     # Heads sharing a KV head are stacked along the query axis: [B, KVH, G*T, Dh]. With batch
     # and head dims leading, XLA's CPU dot kernels run ~30% faster than a 5-d einsum.
     q = q.reshape(b, t, kvh, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, hd)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3).astype(q.dtype)
+    v = v.astype(q.dtype)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
     scores = scores.reshape(b, kvh, groups, t, -1)
@@ -160,17 +164,17 @@ class Attention(nnx.Module):
         self.o_proj = Linear(h * hd, d, param_dtype=pd, rngs=rngs)
 
     def __call__(self, x, positions, attn_mask, kv=None):
-        """x `[B, T, D]`, attn_mask `[B, T, S]`; kv = (keys, values) `[B, S, KVH, Dh]` or None."""
+        """x `[B, T, D]`, attn_mask `[B, T, S]`; kv = (keys, values) `[B, KVH, S, Dh]` or None."""
         cfg = self.config
         b, t, _ = x.shape
         kvh, hd = cfg.num_kv_heads, cfg.head_dim_
         q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, cfg.rope_theta)
         k = rope(self.k_proj(x).reshape(b, t, kvh, hd), positions, cfg.rope_theta)
-        v = self.v_proj(x).reshape(b, t, kvh, hd)
+        k, v = k.transpose(0, 2, 1, 3), self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
         if kv is not None:
             k, v = _write_rows(kv[0], k, positions[:, 0]), _write_rows(kv[1], v, positions[:, 0])
         width = attn_mask.shape[-1]  # callers may restrict attention to the filled cache prefix
-        out = attention(q, k[:, :width], v[:, :width], attn_mask)
+        out = attention(q, k[:, :, :width], v[:, :, :width], attn_mask)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), (k, v)
 
 
