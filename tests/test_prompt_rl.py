@@ -156,6 +156,11 @@ def test_group_advantages_against_numpy():
     for algorithm, reference in expected.items():
         np.testing.assert_allclose(np.asarray(group_advantages(rewards, algorithm)), reference,
                                    atol=1e-6, err_msg=algorithm)
+    # RLOO is REINFORCE with the self-inclusive mean baseline scaled by k / (k - 1): under Adam
+    # (scale-invariant) without gradient clipping the two train identically (README, text_rloo).
+    np.testing.assert_allclose(np.asarray(group_advantages(rewards, "rloo")),
+                               4 / 3 * np.asarray(group_advantages(rewards, "reinforce")),
+                               atol=1e-6)
 
 
 def test_adaptive_kl_coefficient():
