@@ -8,7 +8,8 @@ fresh LoRA adapters, on the same prompts, reward and budget, and prints one tabl
 
 Entry points: `experiments.text_reinforce` (003), `experiments.text_rloo` (004),
 `experiments.sentiment_ppo` (002). Outputs go to `--run-dir`: one sub-directory per arm
-(config.json, metrics.jsonl, curves.png) and results.json with the table.
+(config.json, metrics.jsonl, curves.png), results.json with the table, and comparison.png (every
+arm's curves in one figure).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from jaxrl_llm import rewards
 from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.generation import SamplingConfig
-from jaxrl_llm.metrics import RunDir
+from jaxrl_llm.metrics import RunDir, plot_curves, read_jsonl
 from jaxrl_llm.model import ModelConfig, Transformer, load_model
 from jaxrl_llm.model.bert import SentenceEncoder
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
@@ -236,12 +237,17 @@ def main(config: Config) -> list[dict]:
     base, tokenizer = load_base(config)
     reward_fn = rewards.text_reward_fn(tokenizer, text_reward(config),
                                        skip_ids=(tokenizer.eos_token_id,))
-    results = []
+    results, curves = [], {}
     for algorithm, kl_coef in config.arms():
+        arm, run_dir = f"{algorithm} kl={kl_coef:g}", os.path.join(config.run_dir,
+                                                                   f"{algorithm}_kl{kl_coef:g}")
         results.append(train_arm(base, tokenizer, splits, reward_fn, algorithm, kl_coef, config,
-                                 os.path.join(config.run_dir, f"{algorithm}_kl{kl_coef:g}")))
+                                 run_dir))
         with open(os.path.join(config.run_dir, "results.json"), "w") as f:
             json.dump(dict(config=dataclasses.asdict(config), arms=results), f, indent=2)
+        curves[arm] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+        plot_curves(curves, os.path.join(config.run_dir, "comparison.png"), stage="rl",
+                    x="iteration", keys=CURVES, title=f"{config.task}: training curves")
     print_table(results, config)
     return results
 

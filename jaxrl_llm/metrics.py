@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class MetricsLog:
@@ -81,10 +81,11 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
-def plot_curves(records: Sequence[dict], path: str, stage: str, x: str,
-                keys: Sequence[str], title: str = "") -> None:
+def plot_curves(records: Sequence[dict] | Mapping[str, Sequence[dict]], path: str, stage: str,
+                x: str, keys: Sequence[str], title: str = "") -> None:
     """One small panel per metric in `keys` against `x`, for records with `stage == stage`.
 
+    `records` is one run's, or `{label: records}` for one labelled line per run (comparisons).
     Resumed runs may log an iteration twice: the last record for each `x` wins. Keys that no
     record has are skipped, so one call serves configurations that log different metrics.
     """
@@ -93,20 +94,28 @@ def plot_curves(records: Sequence[dict], path: str, stage: str, x: str,
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    by_x = {r[x]: r for r in records if r.get("stage") == stage and x in r}
-    rows = [by_x[k] for k in sorted(by_x)]
-    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    runs = dict(records) if isinstance(records, Mapping) else {"": records}
+    number = lambda v: isinstance(v, (int, float))
+    for label, run in runs.items():
+        by_x = {r[x]: r for r in run if r.get("stage") == stage and x in r}
+        runs[label] = [by_x[k] for k in sorted(by_x)]
+    keys = [k for k in keys if any(number(r.get(k)) for run in runs.values() for r in run)]
     if not keys:
         return
     cols = min(3, len(keys))
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, squeeze=False,
                              figsize=(4 * cols, 2.8 * math.ceil(len(keys) / cols)))
     for ax, key in zip(axes.flat, keys):
-        points = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+        for label, run in runs.items():
+            points = [(r[x], r[key]) for r in run if number(r.get(key))]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
+                        label=label or None)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel(x, fontsize=8)
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     if title:

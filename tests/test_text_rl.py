@@ -31,6 +31,7 @@ def test_two_arms_end_to_end(tmp_path, capsys):
         assert [x["iteration"] for x in records] == [1, 2]
         assert os.path.getsize(os.path.join(arm, "curves.png")) > 1000
     assert "value_loss" in records[-1]  # ppo trains a critic
+    assert os.path.getsize(os.path.join(str(tmp_path), "comparison.png")) > 1000
     saved = json.load(open(os.path.join(str(tmp_path), "results.json")))
     assert len(saved["arms"]) == 2
     assert "rloo kl=0.1" in capsys.readouterr().out
