@@ -234,9 +234,10 @@ def train_arm(base, tokenizer, splits, reward_fn, algorithm: str, kl_coef: float
 def main(config: Config) -> list[dict]:
     os.makedirs(config.run_dir, exist_ok=True)
     splits = prompt_splits(config)
+    reward = text_reward(config)
+    reward(["probe"])  # a missing scorer package fails here, before the model loads
     base, tokenizer = load_base(config)
-    reward_fn = rewards.text_reward_fn(tokenizer, text_reward(config),
-                                       skip_ids=(tokenizer.eos_token_id,))
+    reward_fn = rewards.text_reward_fn(tokenizer, reward, skip_ids=(tokenizer.eos_token_id,))
     results, curves = [], {}
     for algorithm, kl_coef in config.arms():
         arm, run_dir = f"{algorithm} kl={kl_coef:g}", os.path.join(config.run_dir,
