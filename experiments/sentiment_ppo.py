@@ -1,6 +1,6 @@
 """PPO with a sentiment reward over generated text (notebook 002's trlX pattern), SmolLM2.
 
-    python -m experiments.sentiment_ppo                # ~10 min on CPU
+    python -m experiments.sentiment_ppo                # ~9 min on 2 CPU cores
     python -m experiments.sentiment_ppo --init-kl-coef 0.05 --top-k 0
     python -m experiments.sentiment_ppo --help
 

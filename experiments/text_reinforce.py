@@ -1,7 +1,7 @@
 """REINFORCE on the default SmolLM2 model (notebook 003), with and without the KL term.
 
-    python -m experiments.text_reinforce                      # keyword reward, ~15 min on CPU
-    python -m experiments.text_reinforce --task similarity    # sentence-embedding reward
+    python -m experiments.text_reinforce                      # two arms, ~8 min on 2 CPU cores
+    python -m experiments.text_reinforce --task keywords      # notebook 003's keyword reward
     python -m experiments.text_reinforce --help
 
 k samples per prompt, the mean of the prompt's k rewards as baseline (notebook 003), LoRA over

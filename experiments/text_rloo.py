@@ -1,6 +1,6 @@
 """RLOO against REINFORCE and GRPO on the same budget (notebook 004), default SmolLM2 model.
 
-    python -m experiments.text_rloo            # three arms, ~20 min on CPU
+    python -m experiments.text_rloo            # three arms, ~12 min on 2 CPU cores
     python -m experiments.text_rloo --help
 
 k samples per prompt, LoRA over the int8 base, the reward a frozen sentence encoder's cosine
