@@ -150,7 +150,7 @@ def run_torch(args) -> dict:
 
 def summarize(prompts, timings) -> dict:
     batch_size = len(prompts)
-    (first_1, t_1), (first_n, t_n) = timings[1], timings[NEW_TOKENS]
+    (_, t_1), (first_n, t_n) = timings[1], timings[NEW_TOKENS]
     return dict(prompt_tokens=int(sum(map(len, prompts))),
                 tokens_per_s=batch_size * NEW_TOKENS / t_n,
                 prefill_tokens_per_s=sum(map(len, prompts)) / t_1,

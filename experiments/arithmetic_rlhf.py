@@ -18,7 +18,6 @@ Outputs go to `--run-dir`: config.json, metrics.jsonl, curves.png, results.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from experiments.common import config_overrides, config_parser
 
 from jaxrl_llm import losses
 from jaxrl_llm.checks import require_at_least_one
@@ -411,15 +412,11 @@ def print_summary(results: dict, config: Config) -> None:
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = config_parser(Config(), __doc__.split("\n")[0], label="cpu preset")
     parser.add_argument("--preset", default="cpu", choices=PRESETS, help="base configuration")
-    for field in dataclasses.fields(Config):
-        value = getattr(Config(), field.name)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(value), default=None,
-                            help=f"cpu preset: {value}")
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset")
-    return Config.preset(preset, **{k: v for k, v in args.items() if v is not None})
+    return Config.preset(preset, **config_overrides(args))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ trlX (`train.prompt_rl.PromptRLConfig`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 from experiments import text_rl
+from experiments.common import config_overrides, config_parser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +53,8 @@ class TRLXConfig:
 
 
 def parse_args(argv=None) -> TRLXConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(TRLXConfig):
-        value = getattr(TRLXConfig(), field.name)
-        parser.add_argument(f"--{field.name.replace('_', '-')}",
-                            type=float if field.name == "target" else type(value),
-                            default=value, help=f"default: {value}")
-    return TRLXConfig(**vars(parser.parse_args(argv)))
+    parser = config_parser(TRLXConfig(), __doc__.split("\n")[0], types={"target": float})
+    return dataclasses.replace(TRLXConfig(), **config_overrides(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ arm's curves in one figure).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -27,15 +26,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from experiments.common import config_overrides, config_parser, load_base
+
 from jaxrl_llm import rewards
 from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.generation import SamplingConfig
 from jaxrl_llm.metrics import RunDir, plot_curves, read_jsonl
-from jaxrl_llm.model import ModelConfig, Transformer, load_model
 from jaxrl_llm.model.bert import SentenceEncoder
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
-from jaxrl_llm.model.quant import quantize_model
-from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train import prompt_rl
 from jaxrl_llm.train.step import OptimConfig, make_optimizer
 
@@ -149,16 +147,6 @@ def prompt_splits(config: Config) -> datasets.DatasetDict:
     return data.train_test_split(test_size=config.eval_prompts, seed=config.seed)
 
 
-def load_base(config: Config):
-    """(frozen base model, tokenizer); LoRA adapters go on a copy per arm."""
-    if config.model_path == "tiny":  # tests: a random byte-level model
-        model = Transformer(ModelConfig.tiny(vocab_size=ByteTokenizer.vocab_size),
-                            rngs=nnx.Rngs(config.seed))
-        return (quantize_model(model) if config.quantize else model), ByteTokenizer()
-    _, model, tokenizer = load_model(config.model_path, quantize=config.quantize or None)
-    return model, tokenizer
-
-
 def text_reward(config: Config) -> rewards.TextReward:
     if config.task == "keywords":
         return functools.partial(rewards.keyword_hits, words=KEYWORDS)
@@ -236,7 +224,7 @@ def main(config: Config) -> list[dict]:
     splits = prompt_splits(config)
     reward = text_reward(config)
     reward(["probe"])  # a missing scorer package fails here, before the model loads
-    base, tokenizer = load_base(config)
+    base, tokenizer = load_base(config.model_path, config.quantize, config.seed)
     reward_fn = rewards.text_reward_fn(tokenizer, reward, skip_ids=(tokenizer.eos_token_id,))
     results, curves = [], {}
     for algorithm, kl_coef in config.arms():
@@ -272,23 +260,6 @@ def print_table(results: list[dict], config: Config) -> None:
             print("  " + repr(s))
 
 
-def parser_for(defaults: Config, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    for field in dataclasses.fields(Config):
-        value = getattr(defaults, field.name)
-        flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(value, tuple):
-            kind = type(value[0]) if value else str
-            parser.add_argument(flag, type=kind, nargs="+", default=None,
-                                help=f"default: {' '.join(map(str, value))}")
-        else:
-            kind = float if field.name == "kl_target" else str if value is None else type(value)
-            parser.add_argument(flag, type=kind, default=None, help=f"default: {value}")
-    return parser
-
-
 def parse_args(defaults: Config, description: str, argv=None) -> Config:
-    args = vars(parser_for(defaults, description).parse_args(argv))
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()
-                 if v is not None}
-    return dataclasses.replace(defaults, **overrides)
+    parser = config_parser(defaults, description, types={"kl_target": float})
+    return dataclasses.replace(defaults, **config_overrides(parser.parse_args(argv)))

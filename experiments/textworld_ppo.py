@@ -15,7 +15,6 @@ resumes PPO from `latest` (at most the iteration in progress is lost).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -27,6 +26,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from experiments.common import config_parser, config_overrides, load_base
+
 from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint
@@ -34,12 +35,9 @@ from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import expert_dataset
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
 from jaxrl_llm.metrics import RunDir
-from jaxrl_llm.model import ModelConfig, Transformer, load_model
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
-from jaxrl_llm.model.quant import quantize_model
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
-from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
 from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
@@ -112,13 +110,9 @@ class Config:
 
 def load_policy(config: Config):
     """(model with LoRA adapters, tokenizer) for the run."""
-    if config.model_path == "tiny":  # the smoke preset: a random byte-level model
-        model = Transformer(ModelConfig.tiny(vocab_size=ByteTokenizer.vocab_size,
-                                             max_seq_len=4096), rngs=nnx.Rngs(config.seed))
-        model = quantize_model(model) if config.quantize else model
-        tokenizer = ByteTokenizer()
-    else:
-        _, model, tokenizer = load_model(config.model_path, quantize=config.quantize or None)
+    # The smoke preset's tiny model reads TextWorld prompts of up to ~4k bytes.
+    model, tokenizer = load_base(config.model_path, config.quantize, config.seed,
+                                 tiny_max_seq_len=4096)
     apply_lora(model, LoraConfig(rank=config.lora_rank, alpha=config.lora_alpha),
                nnx.Rngs(config.seed))
     return model, tokenizer
@@ -305,28 +299,12 @@ def print_summary(results: dict, config: Config) -> None:
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = config_parser(Config(), __doc__.split("\n")[0], label="cpu preset",
+                           types={"max_history": int})
     parser.add_argument("--preset", default="cpu", choices=PRESETS, help="base configuration")
-    defaults = Config()
-    for field in dataclasses.fields(Config):
-        value = getattr(defaults, field.name)
-        kind = (int if field.name in ("max_history",) else type(value) if value is not None
-                else str)
-        if isinstance(value, bool):
-            parser.add_argument(f"--{field.name.replace('_', '-')}",
-                                action=argparse.BooleanOptionalAction, default=None,
-                                help=f"cpu preset: {value}")
-        elif isinstance(value, tuple):
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, nargs="+",
-                                default=None, help=f"cpu preset: {' '.join(map(str, value))}")
-        else:
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
-                                help=f"cpu preset: {value}")
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()
-                 if v is not None}
-    return Config.preset(preset, **overrides)
+    return Config.preset(preset, **config_overrides(args))
 
 
 if __name__ == "__main__":
