@@ -19,6 +19,7 @@ import dataclasses
 
 from experiments import text_rl
 from experiments.common import config_overrides, config_parser
+from jaxrl_llm.checks import require_at_least_one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,12 @@ class TRLXConfig:
     eval_prompts: int = 16
     seed: int = 0
     run_dir: str = "runs/sentiment_ppo"
+
+    def __post_init__(self):
+        # Checked here so that errors name these flags, not the driver's.
+        require_at_least_one(self, ("num_rollouts", "ppo_epochs", "batch_size", "max_new_tokens",
+                                    "iterations", "eval_prompts"), cli=True)
+        self.to_config()  # the driver's checks too, before any work
 
     def to_config(self) -> text_rl.Config:
         return text_rl.Config(

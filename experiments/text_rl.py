@@ -119,8 +119,9 @@ class Config:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not self.algorithms or not self.kl_coefs:
             raise ValueError("--algorithms and --kl-coefs each need at least one value")
-        for arm in self.arms():
-            self.rl_config(*arm)  # their errors too, before loading anything
+        for arm in self.arms():  # their errors too, before loading anything
+            self.rl_config(*arm)
+        self.lora_config(), self.optim_config()
         if self.eval_prompts + self.prompts_per_iteration > len(self.prompts()):
             raise ValueError(f"--eval-prompts + --prompts-per-iteration must be <= "
                              f"{len(self.prompts())} (the task's prompts)")
@@ -131,6 +132,12 @@ class Config:
     def prompts(self) -> tuple[str, ...]:
         return REVIEW_PROMPTS if self.task == "sentiment" else CHAT_PROMPTS
 
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha)
+
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(learning_rate=self.learning_rate, weight_decay=0.0)
+
     def rl_config(self, algorithm: str, kl_coef: float, eos_ids=(), pad_id=0):
         return prompt_rl.PromptRLConfig(
             algorithm=algorithm, num_samples=self.num_samples, epochs=self.epochs,
@@ -139,6 +146,10 @@ class Config:
             minibatch_size=self.minibatch_size, micro_batch_size=self.micro_batch_size,
             clip_eps=self.clip_eps, value_clip=self.value_clip, vf_coef=self.vf_coef,
             kl_coef=kl_coef, kl_target=self.kl_target)
+
+
+def arm_name(algorithm: str, kl_coef: float) -> str:
+    return f"{algorithm} kl={kl_coef:g}"
 
 
 def prompt_splits(config: Config) -> datasets.DatasetDict:
@@ -179,13 +190,10 @@ def evaluate(policy, reference, prompts, reward_fn, key, rl_config, tokenizer) -
 def train_arm(base, tokenizer, splits, reward_fn, algorithm: str, kl_coef: float,
               config: Config, run_dir: str) -> dict:
     """Fresh LoRA adapters on a copy of `base`, trained by one algorithm; before/after eval."""
-    model = apply_lora(nnx.clone(base), LoraConfig(rank=config.lora_rank,
-                                                   alpha=config.lora_alpha),
-                       nnx.Rngs(config.seed))
+    model = apply_lora(nnx.clone(base), config.lora_config(), nnx.Rngs(config.seed))
     eos = tokenizer.eos_token_id
     rl_config = config.rl_config(algorithm, kl_coef, eos_ids=(eos,), pad_id=eos)
-    trainer = prompt_rl.make_trainer(model, rl_config, make_optimizer(OptimConfig(
-        learning_rate=config.learning_rate, weight_decay=0.0)))
+    trainer = prompt_rl.make_trainer(model, rl_config, make_optimizer(config.optim_config()))
     state = trainer.init()
     reference = trainer.model(trainer.init())  # the frozen initial policy: the KL anchor
     encode = lambda texts: [tokenizer.encode(t) for t in texts]
@@ -200,7 +208,7 @@ def train_arm(base, tokenizer, splits, reward_fn, algorithm: str, kl_coef: float
                  title=f"{config.task}: {algorithm}, kl_coef {kl_coef}")
     rng = np.random.default_rng(config.seed)
     start = time.time()
-    bar = tqdm(range(config.iterations), desc=f"{algorithm} kl={kl_coef}", unit="iter")
+    bar = tqdm(range(config.iterations), desc=arm_name(algorithm, kl_coef), unit="iter")
     for it in bar:
         key, step_key = jax.random.split(key)
         prompts = [train_prompts[i] for i in rng.choice(len(train_prompts),
@@ -228,13 +236,13 @@ def main(config: Config) -> list[dict]:
     reward_fn = rewards.text_reward_fn(tokenizer, reward, skip_ids=(tokenizer.eos_token_id,))
     results, curves = [], {}
     for algorithm, kl_coef in config.arms():
-        arm, run_dir = f"{algorithm} kl={kl_coef:g}", os.path.join(config.run_dir,
-                                                                   f"{algorithm}_kl{kl_coef:g}")
+        run_dir = os.path.join(config.run_dir, f"{algorithm}_kl{kl_coef:g}")
         results.append(train_arm(base, tokenizer, splits, reward_fn, algorithm, kl_coef, config,
                                  run_dir))
         with open(os.path.join(config.run_dir, "results.json"), "w") as f:
             json.dump(dict(config=dataclasses.asdict(config), arms=results), f, indent=2)
-        curves[arm] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        curves[arm_name(algorithm, kl_coef)] = read_jsonl(metrics)
         plot_curves(curves, os.path.join(config.run_dir, "comparison.png"), stage="rl",
                     x="iteration", keys=CURVES, title=f"{config.task}: training curves")
     print_table(results, config)
@@ -249,13 +257,13 @@ def print_table(results: list[dict], config: Config) -> None:
           f"{'distinct tok':>14} {'tokens':>14} {'train s':>8}")
     for r in results:
         b, a = r["before"], r["after"]
-        print(f"{r['algorithm'] + ' kl=' + format(r['kl_coef'], 'g'):<18} "
+        print(f"{arm_name(r['algorithm'], r['kl_coef']):<18} "
               f"{b['reward']:>7.3f} -> {a['reward']:<6.3f} {a['kl_ref']:>10.3f} "
               f"{b['ref_logprob']:>7.2f} -> {a['ref_logprob']:<6.2f} "
               f"{b['distinct_tokens']:>5.2f} -> {a['distinct_tokens']:<5.2f} "
               f"{b['length']:>5.1f} -> {a['length']:<5.1f} {r['train_seconds']:>8.0f}")
     for r in results:
-        print(f"\n{r['algorithm']} kl={r['kl_coef']:g} samples after training:")
+        print(f"\n{arm_name(r['algorithm'], r['kl_coef'])} samples after training:")
         for s in r["after"]["samples"]:
             print("  " + repr(s))
 

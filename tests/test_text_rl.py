@@ -52,7 +52,19 @@ def test_entry_point_defaults():
     (["--algorithms", "rloo", "--num-samples", "1"], "num_samples must be >= 2 for rloo"),
     (["--eval-prompts", "60"], "--eval-prompts \\+ --prompts-per-iteration must be <="),
     (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--learning-rate", "0"], "learning_rate must be > 0"),
+    (["--lora-alpha", "-1"], "alpha must be > 0"),
 ])
 def test_cli_errors(argv, message):
     with pytest.raises(ValueError, match=message):
         text_rl.parse_args(text_rl.Config(), "", argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-rollouts", "0"], "--num-rollouts must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--cliprange", "0"], "clip_eps must be > 0"),
+])
+def test_sentiment_cli_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        sentiment_ppo.parse_args(argv)
