@@ -291,9 +291,10 @@ def collect(policy: nnx.Module, reference: nnx.Module, prompts: Sequence[Sequenc
                                          range(config.num_samples)],
                              [r[m].tolist() for r, m in zip(arrays["response"], mask)])
     ref_logprobs, _ = score_rollout(reference, arrays, config.minibatch_size)
-    if config.filtered:  # the sampler's log-probs are of the truncated distribution
-        arrays["old_logprobs"], _ = score_rollout(policy_lm(policy), arrays,
-                                                  config.minibatch_size)
+    if config.algorithm == "ppo" or config.filtered:  # one policy pass: values and log-probs
+        policy_logprobs, values = score_rollout(policy, arrays, config.minibatch_size)
+        if config.filtered:  # the sampler's log-probs are of the truncated distribution
+            arrays["old_logprobs"] = policy_logprobs
     old_logprobs = arrays["old_logprobs"]
     # k1 on samples of the policy: the unbiased per-response KL(pi || ref) (Ziegler et al.).
     kl = np.asarray(losses.masked_sum(losses.kl_k1(old_logprobs, ref_logprobs), mask, axis=1))
@@ -302,7 +303,6 @@ def collect(policy: nnx.Module, reference: nnx.Module, prompts: Sequence[Sequenc
                  ref_logprob=float(ref_logprobs[mask].mean()),  # fluency under the reference
                  response_length=float(mask.sum(1).mean()))
     if config.algorithm == "ppo":
-        _, values = score_rollout(policy, arrays, config.minibatch_size)
         token_rewards = last_token_rewards(rewards, mask)
         if config.kl_in == "reward":
             token_rewards = losses.kl_penalized_rewards(token_rewards, old_logprobs, ref_logprobs,
