@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jaxrl_llm.logprobs import entropy_from_logits
 
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_norm", "sum")
+# Where a KL-to-reference term goes: a penalty in the reward, or a term of the loss.
+KL_MODES = ("reward", "loss")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 

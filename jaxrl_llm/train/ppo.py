@@ -23,11 +23,10 @@ from flax import nnx
 
 from jaxrl_llm import losses
 from jaxrl_llm.agent import Transition
-from jaxrl_llm.checks import require_at_least_one, require_micro_batches
+from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
+                              require_ppo_hyperparameters)
 from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
-
-KL_MODES = ("reward", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +63,12 @@ class PPOConfig:
     whiten_advantages: bool = True
 
     def __post_init__(self):
-        if self.kl_in not in KL_MODES:
-            raise ValueError(f"PPOConfig.kl_in must be one of {KL_MODES}, got {self.kl_in!r}")
-        if not self.clip_eps > 0:
-            raise ValueError(f"PPOConfig.clip_eps must be > 0, got {self.clip_eps}")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.kl_in not in losses.KL_MODES:
+            raise ValueError(f"PPOConfig.kl_in must be one of {losses.KL_MODES}, got "
+                             f"{self.kl_in!r}")
+        require_ppo_hyperparameters(self)
         require_at_least_one(self, ("epochs", "minibatch_size", "micro_batch_size"))
         require_micro_batches(self, "minibatch_size")
-        if min(self.value_clip, self.vf_coef, self.kl_coef, self.entropy_coef) < 0:
-            raise ValueError("value_clip, vf_coef, kl_coef and entropy_coef must be >= 0")
 
 
 def action_scores(actor_critic, batch, remat: bool = False):

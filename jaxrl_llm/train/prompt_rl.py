@@ -34,7 +34,8 @@ import optax
 from flax import nnx
 
 from jaxrl_llm import losses
-from jaxrl_llm.checks import require_at_least_one, require_micro_batches
+from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
+                              require_ppo_hyperparameters)
 from jaxrl_llm.generation import SamplingConfig, generate, pad_left
 from jaxrl_llm.logprobs import entropy_from_logits, response_hidden_states, token_logprobs
 from jaxrl_llm.model.lora import TRAINABLE
@@ -42,7 +43,6 @@ from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.train.step import Trainer, TrainState
 
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "dr_grpo")
-KL_MODES = ("reward", "loss")
 CLIPPED = ("ppo", "grpo", "dr_grpo")  # ratio-clipped surrogate: several epochs are sound
 # Each paper's loss reduction and place of the KL term (config fields left at None get these).
 # REINFORCE/RLOO differentiate the response's summed log-prob; "seq_sum_norm" divides it by the
@@ -123,14 +123,7 @@ class PromptRLConfig:
             raise ValueError("PromptRLConfig.sampling must sample at temperature 1 "
                              "(greedy=False): a policy gradient needs the policy's own "
                              f"distribution; got {s}")
-        if not self.clip_eps > 0:
-            raise ValueError(f"PromptRLConfig.clip_eps must be > 0, got {self.clip_eps}")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ValueError(f"PromptRLConfig.gamma and lam must be in [0, 1], got {self.gamma}, "
-                             f"{self.lam}")
-        if min(self.value_clip, self.vf_coef, self.entropy_coef, self.kl_coef) < 0:
-            raise ValueError("PromptRLConfig.value_clip, vf_coef, entropy_coef and kl_coef must "
-                             "be >= 0")
+        require_ppo_hyperparameters(self)
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"PromptRLConfig.kl_target must be > 0 (None: fixed kl_coef), got "
                              f"{self.kl_target}")
@@ -139,9 +132,10 @@ class PromptRLConfig:
         reduction, kl_in = PAPER_DEFAULTS[self.algorithm]
         object.__setattr__(self, "reduction", self.reduction or reduction)
         object.__setattr__(self, "kl_in", self.kl_in or kl_in)
-        if self.kl_in not in KL_MODES:
-            raise ValueError(f"PromptRLConfig.kl_in must be one of {', '.join(KL_MODES)} (or None "
-                             f"for the paper's), got {self.kl_in!r}")
+        if self.kl_in not in losses.KL_MODES:
+            raise ValueError(f"PromptRLConfig.kl_in must be one of "
+                             f"{', '.join(losses.KL_MODES)} (or None for the paper's), got "
+                             f"{self.kl_in!r}")
         if self.reduction not in losses.REDUCTIONS:
             raise ValueError(f"PromptRLConfig.reduction must be one of "
                              f"{', '.join(losses.REDUCTIONS)}, got {self.reduction!r}")
