@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.common import config_overrides, config_parser
+from experiments.common import parse_preset_config
 
 from jaxrl_llm import losses
 from jaxrl_llm.checks import require_at_least_one
@@ -412,11 +412,7 @@ def print_summary(results: dict, config: Config) -> None:
 
 
 def parse_args(argv=None) -> Config:
-    parser = config_parser(Config(), __doc__.split("\n")[0], label="cpu preset")
-    parser.add_argument("--preset", default="cpu", choices=PRESETS, help="base configuration")
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
-    return Config.preset(preset, **config_overrides(args))
+    return parse_preset_config(Config, PRESETS, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,17 @@ def config_overrides(args: argparse.Namespace | dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
 
 
+def parse_preset_config(cls, presets, description: str, argv=None,
+                        types: dict[str, type] | None = None):
+    """`--preset NAME` (default "cpu", built by `cls.preset`) and one flag per field of the
+    config class `cls`; the flags given override the preset."""
+    parser = config_parser(cls(), description, label="cpu preset", types=types)
+    parser.add_argument("--preset", default="cpu", choices=presets, help="base configuration")
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
+    return cls.preset(preset, **config_overrides(args))
+
+
 def load_base(model_path: str | None, quantize: str | None, seed: int,
               tiny_max_seq_len: int = ModelConfig.tiny().max_seq_len):
     """(frozen base model, tokenizer): `model_path` None is the default SmolLM2 GGUF, "tiny" a

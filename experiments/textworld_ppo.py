@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.common import config_parser, config_overrides, load_base
+from experiments.common import load_base, parse_preset_config
 
 from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play, summarize
@@ -299,12 +299,8 @@ def print_summary(results: dict, config: Config) -> None:
 
 
 def parse_args(argv=None) -> Config:
-    parser = config_parser(Config(), __doc__.split("\n")[0], label="cpu preset",
-                           types={"max_history": int})
-    parser.add_argument("--preset", default="cpu", choices=PRESETS, help="base configuration")
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
-    return Config.preset(preset, **config_overrides(args))
+    return parse_preset_config(Config, PRESETS, __doc__.split("\n")[0], argv,
+                               types={"max_history": int})
 
 
 if __name__ == "__main__":
