@@ -6,9 +6,9 @@
 
 k samples per prompt, the mean of the prompt's k rewards as baseline (notebook 003), LoRA over
 the int8 base; the default reward is the MiniLM embedding similarity of the response to
-"Hi there!" (notebook 003's collapsing run). Two arms share prompts, reward and budget: kl_coef 0 (the notebook, which
-collapses into garbage) and kl_coef > 0 (the KL to the initial policy subtracted from each
-response's reward). The table reports the reward, the KL to the reference and two fluency
+"Hi there!" (notebook 003's collapsing run). Two arms share prompts, reward and budget:
+kl_coef 0 (the notebook, which collapses into garbage) and kl_coef > 0 (the KL to the initial
+policy subtracted from each response's reward). The table reports the reward, the KL to the reference and two fluency
 proxies (the reference's log-prob per token of the samples; distinct tokens per response).
 """
 
