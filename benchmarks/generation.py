@@ -59,10 +59,12 @@ def run_ours(args) -> dict:
         for new in (1, NEW_TOKENS):
             sampling = SamplingConfig(max_new_tokens=new)  # no stop ids: exactly `new` tokens
             start = time.time()
-            generate(model, *pad_right(prompts), jax.random.key(0), sampling).tokens.block_until_ready()
+            generate(model, *pad_right(prompts), jax.random.key(0), sampling,
+                     group_rows=args.group_rows).tokens.block_until_ready()
             first = time.time() - start
             start = time.time()
-            generate(model, *pad_right(prompts), jax.random.key(1), sampling).tokens.block_until_ready()
+            generate(model, *pad_right(prompts), jax.random.key(1), sampling,
+                     group_rows=args.group_rows).tokens.block_until_ready()
             timings[new] = (first, time.time() - start)
         results[batch_size] = summarize(prompts, timings)
     results["compiled_programs"] = compile_count()
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--multi-turn-steps", type=int, default=10)
     parser.add_argument("--engines", nargs="+", default=["ours:float32", "torch:float32",
                                                           "torch:bfloat16"])
+    parser.add_argument("--group-rows", type=int, default=8,
+                        help="ours: rows per length group of the prefill (>= B: no grouping)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +203,8 @@ def main() -> None:
         command = [sys.executable, "-m", "benchmarks.generation", "--engine", engine, "--dtype",
                    dtype, "--seeds", str(args.seeds), "--multi-turn-games",
                    str(args.multi_turn_games if engine == "ours" else 0),
-                   "--multi-turn-steps", str(args.multi_turn_steps), "--batch-sizes",
+                   "--multi-turn-steps", str(args.multi_turn_steps),
+                   "--group-rows", str(args.group_rows), "--batch-sizes",
                    *map(str, args.batch_sizes)]
         print(f"running {spec} ...", flush=True)
         out = subprocess.run(command, capture_output=True, text=True)

@@ -92,8 +92,9 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
     state = history = None
     while not all(e.done for e in episodes):
         if state is None or config.max_history is not None:
+            # A finished game keeps its row with one token: its history is never read again.
             history = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
-                       for e in episodes]
+                       if not e.done else [tokenizer.eos_token_id] for e in episodes]
             empty = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
             state = extend(model, empty, *pad_right(history, pad_id=tokenizer.eos_token_id))
         active = [not e.done for e in episodes]

@@ -8,7 +8,9 @@ Two levels of API:
     with the new text rather than with the whole prompt.
 
 Shapes are bucketed (`bucket_length`) so a run compiles a handful of programs, not one per
-prompt length. Chunks fed to the cache are right-padded: row b's real tokens come first.
+prompt length. Chunks fed to the cache are right-padded: row b's real tokens come first. Long
+chunks of very different lengths are prefilled in groups of similar length (`length_groups`):
+padding every row to the longest would multiply the prefill work.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from jaxrl_llm.sharding import batch_shardings, place_like
 
 # Bucket widths: powers of two and 1.5x powers of two, so padding wastes at most a third.
 _BUCKETS = tuple(sorted({int(m * 2 ** e) for e in range(4, 16) for m in (1, 1.5)}))
+# Rows per prefill group. Prefill throughput barely depends on the batch size at these lengths
+# (tokens per matmul are in the thousands), so small groups cost little and cut padding.
+GROUP_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +128,28 @@ def bucket_length(n: int) -> int:
     raise ValueError(f"sequence of {n} tokens is longer than the largest bucket {_BUCKETS[-1]}")
 
 
+def length_groups(lengths, group_rows: int = GROUP_ROWS) -> list[np.ndarray]:
+    """Row indices to prefill together: sorted by length, at most `group_rows` per group.
+
+    Args:
+      lengths: `[B]` real tokens per row.
+      group_rows: the most rows in a group (>= 1).
+    Returns:
+      Index arrays covering every row once. `[arange(B)]` (one group, rows in order) unless
+      grouping saves at least a quarter of the padded bucket area, so that batches of similar
+      rows keep one compiled program.
+    """
+    if group_rows < 1:
+        raise ValueError(f"group_rows must be >= 1, got {group_rows}")
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    groups = [order[i:i + group_rows] for i in range(0, len(order), group_rows)]
+    area = lambda rows: len(rows) * bucket_length(max(int(lengths[rows].max()), 1))
+    if len(groups) > 1 and sum(map(area, groups)) <= 0.75 * area(order):
+        return groups
+    return [np.arange(len(lengths))]
+
+
 def pad_right(sequences: Sequence[Sequence[int]], width: int | None = None,
               pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> right-padded `([B, W] int32 tokens, [B, W] bool mask)`, W bucketed."""
@@ -196,11 +223,29 @@ def _feed(model: Transformer, state: DecodeState, tokens: jax.Array, key_width: 
     return model.hidden_states(tokens, positions, attn_mask, state.cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
-def _extend_jit(graphdef, params, state: DecodeState, tokens, mask, key_width: int):
-    model = nnx.merge(graphdef, params)
+def _extend(model: Transformer, state: DecodeState, tokens, mask, key_width: int) -> DecodeState:
     _, cache = _feed(model, state, tokens, key_width)
     return DecodeState(cache=cache, lengths=state.lengths + mask.sum(1, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def _extend_jit(graphdef, params, state: DecodeState, tokens, mask, key_width: int):
+    return _extend(nnx.merge(graphdef, params), state, tokens, mask, key_width)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
+def _extend_rows_jit(graphdef, params, state: DecodeState, rows, tokens, mask, key_width: int):
+    """`_extend_jit` for the rows `rows [G]` only; tokens and mask are `[G, T]`.
+
+    Only those rows' first `key_width` slots are copied out and written back: the copy is small
+    next to the prefill it serves.
+    """
+    take = lambda c: c[rows, :, :key_width]
+    group = DecodeState(cache=jax.tree.map(take, state.cache), lengths=state.lengths[rows])
+    group = _extend(nnx.merge(graphdef, params), group, tokens, mask, key_width)
+    put = lambda c, g: c.at[rows, :, :key_width].set(g)
+    return DecodeState(cache=jax.tree.map(put, state.cache, group.cache),
+                       lengths=state.lengths.at[rows].set(group.lengths))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 7, 8), donate_argnums=2)
@@ -304,14 +349,29 @@ def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: in
     return *place_like(state.lengths, tokens, mask), n_real, widths
 
 
-def extend(model: Transformer, state: DecodeState, tokens, mask) -> DecodeState:
+def extend(model: Transformer, state: DecodeState, tokens, mask,
+           group_rows: int = GROUP_ROWS) -> DecodeState:
     """Append a right-padded chunk `tokens [B, T]` (`mask [B, T]`) to each row's history.
 
+    Rows of very different chunk lengths are prefilled in groups (`length_groups`, at most
+    `group_rows` rows each), every group padded only to its own longest row. On a multi-device
+    state the batch stays whole (groups would not divide the data-parallel axes).
     The input `state` is donated (its buffers are reused): use only the returned state.
     """
-    tokens, mask, _, (key_width, _) = _check_chunk(model, state, tokens, mask)
+    host_tokens, host_mask = np.asarray(tokens), np.asarray(mask, bool)
+    tokens, mask, n_real, (key_width, _) = _check_chunk(model, state, tokens, mask)
     graphdef, params = nnx.split(model)
-    return _extend_jit(graphdef, params, state, tokens, mask, key_width)
+    groups = ([np.arange(len(n_real))] if len(state.lengths.sharding.device_set) > 1
+              else length_groups(n_real, group_rows))
+    if len(groups) == 1:
+        return _extend_jit(graphdef, params, state, tokens, mask, key_width)
+    history = np.asarray(state.lengths)
+    for rows in groups:
+        width = min(bucket_length(max(int(n_real[rows].max()), 1)), host_tokens.shape[1])
+        group_width = min(bucket_length(int(history[rows].max()) + width), state.cache.max_len)
+        state = _extend_rows_jit(graphdef, params, state, jnp.asarray(rows, jnp.int32),
+                                 host_tokens[rows, :width], host_mask[rows, :width], group_width)
+    return state
 
 
 def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask,
@@ -375,7 +435,8 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
 
 
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
-             sampling: SamplingConfig, mesh: Mesh | None = None) -> GenerationOutput:
+             sampling: SamplingConfig, mesh: Mesh | None = None,
+             group_rows: int = GROUP_ROWS) -> GenerationOutput:
     """Sample responses for a batch of prompts.
 
     Args:
@@ -386,6 +447,8 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
       sampling: the sampling rule.
       mesh: split the batch (and KV cache) over this mesh's data-parallel axes; place the
         model's params with `sharding.shard_model` first.
+      group_rows: prompts of very different lengths are prefilled in length groups of at most
+        this many rows (see `extend`).
     Returns:
       `GenerationOutput` with `[B, N]` tokens, log-probs and response mask, `N = max_new_tokens`.
     """
@@ -402,10 +465,15 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
         raise ValueError(f"prompt of {tokens.shape[1]} tokens + {sampling.max_new_tokens} new "
                          f"tokens is longer than the model's max_seq_len {model.config.max_seq_len}")
     state = DecodeState.empty(model.config, len(rows), max_len, mesh)
+    if mesh is None and len(length_groups(mask.sum(1), group_rows)) > 1:
+        # Grouped prefill of all but the last token; sampling conditions on the last one.
+        state = extend(model, state, *pad_right([r[:-1] for r in rows]), group_rows)
+        tokens, mask = pad_right([r[-1:] for r in rows])
     output, _ = generate_from(model, state, tokens, mask, key, sampling)
     return output
 
 
 def compile_count() -> int:
     """Programs compiled so far by `extend`, `generate_from` and `score_continuations`."""
-    return _extend_jit._cache_size() + _generate_jit._cache_size() + _score_jit._cache_size()
+    jitted = (_extend_jit, _extend_rows_jit, _generate_jit, _score_jit)
+    return sum(f._cache_size() for f in jitted)

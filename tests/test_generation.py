@@ -137,6 +137,50 @@ def test_incremental_prefill_equals_full_prefill(model):
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(full.tokens))
 
 
+def test_length_groups_split_only_when_padding_shrinks():
+    groups = generation.length_groups([900, 20, 30, 850, 25, 40], group_rows=3)
+    assert [sorted(g.tolist()) for g in groups] == [[1, 2, 4], [0, 3, 5]]
+    # Similar lengths: one group, rows in order (one compiled program).
+    np.testing.assert_array_equal(generation.length_groups([500, 510, 490, 505], 2)[0],
+                                  np.arange(4))
+    with pytest.raises(ValueError, match="group_rows must be >= 1"):
+        generation.length_groups([3], 0)
+
+
+def test_grouped_prefill_equals_one_batch(model):
+    vocab = model.config.vocab_size
+    history = random_prompts([5, 70, 3, 64, 9], vocab, seed=20)
+    more = random_prompts([40, 2, 33, 1, 0], vocab, seed=21)
+    tail = random_prompts([3, 4, 2, 5, 1], vocab, seed=22)
+    sampling = SamplingConfig(5)
+    outputs = []
+    for group_rows in (1, 2, 64):  # 5, 3 and 1 groups
+        state = DecodeState.empty(model.config, 5, 256)
+        state = extend(model, state, *pad_right(history), group_rows=group_rows)
+        state = extend(model, state, *pad_right(more), group_rows=group_rows)
+        np.testing.assert_array_equal(np.asarray(state.lengths),
+                                      [len(h) + len(m) for h, m in zip(history, more)])
+        out, _ = generate_from(model, state, *pad_right(tail), jax.random.key(7), sampling)
+        outputs.append(out)
+    for out in outputs[:2]:
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(outputs[2].tokens))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(outputs[2].logprobs),
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out.prompt_hidden),
+                                   np.asarray(outputs[2].prompt_hidden), atol=1e-5)
+
+
+def test_generate_groups_prompts_by_length(model):
+    prompts = random_prompts([4, 90, 6, 80], model.config.vocab_size, seed=23)
+    sampling = SamplingConfig(6, greedy=True)
+    grouped = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=2)
+    whole = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=4)
+    np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(whole.tokens))
+    np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(whole.logprobs),
+                               atol=1e-5)
+    assert len(generation.length_groups([4, 90, 6, 80], 2)) == 2  # the grouped path ran
+
+
 def test_left_padding_in_generate(model):
     prompts = random_prompts([3, 10], model.config.vocab_size, seed=14)
     tokens = np.zeros((2, 10), np.int32)

@@ -11,6 +11,7 @@ import transformers
 from flax import nnx
 
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, load_model, positions_from_mask
+from jaxrl_llm.model import llama
 from jaxrl_llm.model.loading import save_hf_dir
 
 TEXTWORLD_PROMPT = (
@@ -93,6 +94,18 @@ def test_left_padding_matches_unpadded_rows():
     for row, n in enumerate(lengths):
         alone, _ = forward(model, tokens[row:row + 1, width - n:])
         np.testing.assert_allclose(padded[row, width - n:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_query_chunked_attention_equals_one_block():
+    """Long query blocks are split (`llama._QUERY_CHUNK`) and read only the keys they can see."""
+    rng = np.random.default_rng(0)
+    t, s, history = 600, 704, np.array([100, 37])  # rows already hold 100 and 37 tokens
+    q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 2, s, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(np.arange(s)[None, None] <= history[:, None, None] + np.arange(t)[None, :, None])
+    assert t > llama._QUERY_CHUNK
+    np.testing.assert_allclose(np.asarray(llama.attention(q, k, v, mask)),
+                               np.asarray(llama._attention(q, k, v, mask)), atol=1e-6)
 
 
 def test_bfloat16_params_close_to_float32():
