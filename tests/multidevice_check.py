@@ -7,7 +7,6 @@ partition specs actually used.
 """
 
 import json
-import os
 
 import jax
 import numpy as np

@@ -1,7 +1,5 @@
 """The decoder computes the same function as transformers' Llama/Qwen2 (torch, float32, CPU)."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
