@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from experiments.textworld_ppo import Config, main, parse_args
+from experiments.textworld_ppo import PRESETS, Config, main, parse_args
 
 pytestmark = pytest.mark.textworld
 
@@ -35,3 +35,9 @@ def test_cli_errors():
         parse_args(["--preset", "tpu"])
     with pytest.raises(ValueError, match="--num-envs must be >= 1"):
         parse_args(["--preset", "smoke", "--num-envs", "0"])
+
+
+def test_presets_are_valid_configs():
+    configs = {name: Config.preset(name) for name in PRESETS}
+    assert configs["cpu"] == Config()  # the no-flag run is the cpu preset
+    assert configs["gpu"].eval_step_limits == (16, 32) and configs["gpu"].max_history is None
