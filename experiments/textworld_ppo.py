@@ -211,8 +211,12 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
             key, play_key = jax.random.split(key)
             policy = trainer.model(state)
             seeds = rng.integers(0, 100_000, config.num_envs).tolist()
+            steps = tqdm(total=config.num_envs * config.ppo_step_limit, unit="step", leave=False,
+                         desc=f"collect {iteration + 1}")
             episodes, transitions = play(policy.lm, tokenizer, games, seeds, "train", play_key,
-                                         agent, value_head=policy.value_head, mesh=mesh)
+                                         agent, value_head=policy.value_head, mesh=mesh,
+                                         on_step=lambda e: steps.update(config.num_envs))
+            steps.close()
             collect_seconds = time.time() - start
             finals = {g: text.encode_prompt(tokenizer, prompt_pieces(e, config.max_history),
                                             step_tail(e.valid_actions))
@@ -220,8 +224,11 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
             arrays, stats = prepare_rollout(transitions, finals, policy, reference, ppo_config,
                                             pad_id=tokenizer.eos_token_id, action_len=16)
             updates = []
-            for _ in range(ppo_config.epochs):
-                for batch in minibatches(arrays, ppo_config, rng):
+            for epoch in range(ppo_config.epochs):
+                for batch in tqdm(minibatches(arrays, ppo_config, rng), leave=False,
+                                  total=-(-len(arrays["prompt"]) // ppo_config.minibatch_size),
+                                  desc=f"update {iteration + 1} epoch {epoch + 1}",
+                                  unit="minibatch"):
                     state, metrics = trainer.step(state, batch)
                     updates.append({k: float(v) for k, v in metrics.items()})
             record = dict(stage="ppo", iteration=iteration + 1, **stats,
