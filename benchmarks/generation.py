@@ -47,11 +47,13 @@ def pick(data, batch_size: int, seed: int = 0) -> list[list[int]]:
 def run_ours(args) -> dict:
     import jax
 
-    from jaxrl_llm.generation import SamplingConfig, compile_count, generate, pad_right
+    from jaxrl_llm.generation import (GROUP_ROWS, SamplingConfig, compile_count, generate,
+                                      pad_right)
     from jaxrl_llm.model import load_model
 
     data, _ = prompts_and_tokenizer(args.seeds)
     _, model, _ = load_model(param_dtype=args.dtype)
+    group_rows = GROUP_ROWS if args.group_rows is None else args.group_rows
     results = {}
     for batch_size in args.batch_sizes:
         prompts = pick(data, batch_size)
@@ -60,11 +62,11 @@ def run_ours(args) -> dict:
             sampling = SamplingConfig(max_new_tokens=new)  # no stop ids: exactly `new` tokens
             start = time.time()
             generate(model, *pad_right(prompts), jax.random.key(0), sampling,
-                     group_rows=args.group_rows).tokens.block_until_ready()
+                     group_rows=group_rows).tokens.block_until_ready()
             first = time.time() - start
             start = time.time()
             generate(model, *pad_right(prompts), jax.random.key(1), sampling,
-                     group_rows=args.group_rows).tokens.block_until_ready()
+                     group_rows=group_rows).tokens.block_until_ready()
             timings[new] = (first, time.time() - start)
         results[batch_size] = summarize(prompts, timings)
     results["compiled_programs"] = compile_count()
@@ -190,8 +192,9 @@ def main() -> None:
     parser.add_argument("--multi-turn-steps", type=int, default=10)
     parser.add_argument("--engines", nargs="+", default=["ours:float32", "torch:float32",
                                                           "torch:bfloat16"])
-    parser.add_argument("--group-rows", type=int, default=8,
-                        help="ours: rows per length group of the prefill (>= B: no grouping)")
+    parser.add_argument("--group-rows", type=int, default=None,
+                        help="ours: rows per length group of the prefill (>= B: no grouping; "
+                             "default: the library's GROUP_ROWS)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,7 +207,8 @@ def main() -> None:
                    dtype, "--seeds", str(args.seeds), "--multi-turn-games",
                    str(args.multi_turn_games if engine == "ours" else 0),
                    "--multi-turn-steps", str(args.multi_turn_steps),
-                   "--group-rows", str(args.group_rows), "--batch-sizes",
+                   *(["--group-rows", str(args.group_rows)] if args.group_rows is not None else []),
+                   "--batch-sizes",
                    *map(str, args.batch_sizes)]
         print(f"running {spec} ...", flush=True)
         out = subprocess.run(command, capture_output=True, text=True)
