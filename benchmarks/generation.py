@@ -207,7 +207,7 @@ def main() -> None:
                    dtype, "--seeds", str(args.seeds), "--multi-turn-games",
                    str(args.multi_turn_games if engine == "ours" else 0),
                    "--multi-turn-steps", str(args.multi_turn_steps),
-                   *(["--group-rows", str(args.group_rows)] if args.group_rows is not None else []),
+                   *([] if args.group_rows is None else ["--group-rows", str(args.group_rows)]),
                    "--batch-sizes",
                    *map(str, args.batch_sizes)]
         print(f"running {spec} ...", flush=True)
