@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments.textworld_ppo import Config, evaluate, load_policy, print_table, sft
-from jaxrl_llm.agent import BASELINES, play_baseline, summarize
+from jaxrl_llm.agent import BASELINES, play_baseline, summarize_limits
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
@@ -32,19 +32,16 @@ POLICIES = BASELINES + ("zero-shot", "sft")
 
 
 def evaluate_baseline(policy: str, config: Config) -> dict:
-    results = {}
-    for limit in config.eval_step_limits:
-        episodes, transitions = [], []
-        num_envs = min(config.num_envs, config.eval_games)
-        with TextWorldBatch(GameConfig(step_limit=limit), num_envs,
-                            workers=config.env_workers) as games:
-            for start in tqdm(range(0, config.eval_games, num_envs), desc=f"{policy} {limit}"):
-                eps, trs = play_baseline(games, list(range(start, start + num_envs)), "test",
-                                         policy, np.random.default_rng(start))
-                episodes += eps
-                transitions += trs
-        results[f"limit_{limit}"] = summarize(episodes, transitions)
-    return results
+    limit, episodes, transitions = max(config.eval_step_limits), [], []
+    num_envs = min(config.num_envs, config.eval_games)
+    with TextWorldBatch(GameConfig(step_limit=limit), num_envs,
+                        workers=config.env_workers) as games:
+        for start in tqdm(range(0, config.eval_games, num_envs), desc=f"{policy} {limit}"):
+            eps, trs = play_baseline(games, list(range(start, start + num_envs)), "test", policy,
+                                     np.random.default_rng(start))
+            episodes += eps
+            transitions += trs
+    return summarize_limits(episodes, transitions, config.eval_step_limits)
 
 
 def run_config(run_dir: str | None, **overrides) -> Config:

@@ -205,6 +205,14 @@ def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[st
         failure_rate=sum(e.failure for e in episodes) / n)
 
 
+def summarize_limits(episodes: list[Episode], transitions: list[Transition],
+                     step_limits) -> dict[str, dict[str, float]]:
+    """`summarize` at each step limit (key `limit_N`), from one play at the largest of them."""
+    return {f"limit_{n}": summarize([e.cut(n) for e in episodes],
+                                    [t for t in transitions if t.step < n])
+            for n in step_limits}
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion (sensible at 0 and n successes)."""
     if n == 0:

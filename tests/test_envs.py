@@ -188,6 +188,41 @@ def test_baselines_gold_solves_with_room_and_random_is_valid():
         play_baseline(batch, [0, 1], "test", "expert", np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("policy", ["random", "gold"])
+def test_one_play_at_the_largest_limit_summarizes_every_limit(policy):
+    """Cutting episodes played at limit 24 to 12 gives what playing at limit 12 gives; the gold
+    path succeeds in some games within 24 steps but in none within 12 (FACTS: 10-26 steps)."""
+    from jaxrl_llm.agent import play_baseline, summarize_limits
+
+    def run(limit):
+        with TextWorldBatch(GameConfig(step_limit=limit), 3) as batch:
+            return play_baseline(batch, [0, 1, 2], "test", policy, np.random.default_rng(0))
+
+    long_episodes, long_transitions = run(24)
+    short_episodes, short_transitions = run(12)
+    cut = [e.cut(12) for e in long_episodes]
+    assert [(e.observations, e.actions, e.rewards, e.scores, e.score, e.success, e.truncated)
+            for e in cut] == [(e.observations, e.actions, e.rewards, e.scores, e.score, e.success,
+                               e.truncated) for e in short_episodes]
+    summaries = summarize_limits(long_episodes, long_transitions, (12, 24))
+    assert summaries["limit_12"] == summarize(short_episodes, short_transitions)
+    assert summaries["limit_24"] == summarize(long_episodes, long_transitions)
+    if policy == "gold":
+        assert summaries["limit_24"]["success_rate"] > summaries["limit_12"]["success_rate"] == 0
+
+
+def test_cut_episode_at_a_lower_limit():
+    e = Episode(seed=0, fold="test", task="T", observations=["o0", "o1", "o2", "o3"],
+                actions=["a", "b", "c"], rewards=[0.0, 0.5, 0.5], scores=[0.0, 0.5, 1.0],
+                score=1.0, success=True)
+    two = e.cut(2)
+    assert (two.actions, two.rewards, two.score, two.success, two.truncated, two.terminated) == (
+        ["a", "b"], [0.0, 0.5], 0.5, False, True, False)
+    assert two.observations == ["o0", "o1", "o2"] and e.cut(3) is e and e.cut(5) is e
+    with pytest.raises(ValueError, match="step_limit must be >= 1"):
+        e.cut(0)
+
+
 def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path):
     from experiments.textworld_eval import main
 

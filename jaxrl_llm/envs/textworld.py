@@ -73,6 +73,7 @@ class Episode:
     actions: list[str] = dataclasses.field(default_factory=list)
     valid_actions: list[str] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
+    scores: list[float] = dataclasses.field(default_factory=list)  # score after each step
     score: float = 0.0
     success: bool = False
     failure: bool = False
@@ -89,6 +90,23 @@ class Episode:
     @property
     def num_steps(self) -> int:
         return len(self.actions)
+
+    def cut(self, step_limit: int) -> Episode:
+        """This episode as it would have ended under a lower `step_limit`.
+
+        Exact for any policy that never sees the limit (ours: prompts do not mention it), so one
+        play at the largest limit gives the results at every smaller one. `valid_actions` of a
+        cut episode is empty: valid actions are not kept per step.
+        """
+        if step_limit < 1:
+            raise ValueError(f"step_limit must be >= 1, got {step_limit}")
+        if self.num_steps <= step_limit:
+            return self
+        return dataclasses.replace(
+            self, observations=self.observations[:step_limit + 1],
+            actions=self.actions[:step_limit], valid_actions=[],
+            rewards=self.rewards[:step_limit], scores=self.scores[:step_limit],
+            score=self.scores[step_limit - 1], success=False, failure=False, truncated=True)
 
 
 def _check_fold(fold: str) -> None:
@@ -171,8 +189,9 @@ class TextWorldBatch:
         episode.actions.append(action)
         episode.observations.append(obs)
         episode.rewards.append(float(reward))
+        episode.scores.append(float(info["score"]))
         episode.valid_actions = list(info["validActions"])
-        episode.score = float(info["score"])
+        episode.score = episode.scores[-1]
         episode.success, episode.failure = bool(info["tasksuccess"]), bool(info["taskfailure"])
         episode.truncated = not episode.terminated and episode.num_steps >= self.config.step_limit
 
