@@ -293,34 +293,53 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=2)
-def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, candidates,
-               candidate_mask, prefill_width: int, key_width: int):
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10), donate_argnums=2)
+def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, packed, segment, offset,
+               num_candidates: int, prefill_width: int, key_width: int):
     model = nnx.merge(graphdef, params)
-    batch, num_candidates, width = candidates.shape
     n_tail = tail_mask.sum(1, dtype=jnp.int32)
     hidden, cache = _feed(model, state, tail, prefill_width)
     last_tail = jnp.take_along_axis(hidden, (n_tail - 1)[:, None, None], axis=1)  # [B, 1, D]
     history = state.lengths + n_tail
-    # All candidates go in one chunk after the history, candidate c at slots
-    # history + c*L + j, but with RoPE positions history + j: each is scored as if it were the
-    # only continuation. Query (c, j) sees the history and tokens 0..j of its own candidate.
-    offset = jnp.tile(jnp.arange(width), num_candidates)  # [C*L]
-    start = jnp.repeat(jnp.arange(num_candidates) * width, width)  # [C*L]
+    # The candidates are packed end to end in one chunk after the history, flat token i at slot
+    # history + i but with RoPE position history + offset[i]: each is scored as if it were the
+    # only continuation. Token i sees the history and the tokens of its own candidate up to i.
+    index = jnp.arange(packed.shape[1])
+    start = index[None] - offset  # [B, P] flat index of each token's candidate start
     relative = jnp.arange(key_width)[None, None, :] - history[:, None, None]  # [B, 1, S]
-    own = (relative >= start[None, :, None]) & (relative <= (start + offset)[None, :, None])
-    attn_mask = (relative < 0) | own
-    positions = history[:, None] + offset[None, :]
-    flat = candidates.reshape(batch, num_candidates * width)
-    cand_hidden, cache = model.hidden_states(
-        flat, positions, attn_mask, cache)
-    cand_hidden = cand_hidden.reshape(batch, num_candidates, width, -1)
-    # Token 0 of every candidate is predicted by the last tail token, token j by token j-1.
-    first = jnp.broadcast_to(last_tail[:, None], (batch, num_candidates, 1, hidden.shape[-1]))
-    predicting = jnp.concatenate([first, cand_hidden[:, :, :-1]], axis=2)
-    logprobs = token_logprobs(model.logits(predicting), candidates)
-    scores = jnp.sum(logprobs * candidate_mask, axis=-1)
+    attn_mask = (relative < 0) | ((relative >= start[:, :, None])
+                                  & (relative <= index[None, :, None]))
+    cand_hidden, cache = model.hidden_states(packed, history[:, None] + offset, attn_mask, cache)
+    # A candidate's first token is predicted by the last tail token, token i by token i-1.
+    previous = jnp.concatenate([last_tail, cand_hidden[:, :-1]], axis=1)
+    predicting = jnp.where((offset == 0)[..., None], last_tail, previous)
+    logprobs = token_logprobs(model.logits(predicting), packed)
+    # Padding has segment -1: its one-hot row is all zeros.
+    scores = jnp.einsum("bp,bpc->bc", logprobs, jax.nn.one_hot(segment, num_candidates))
     return (scores, last_tail[:, 0]), DecodeState(cache=cache, lengths=state.lengths)
+
+
+def pack_candidates(candidates, candidate_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`[B, C, L]` right-padded candidates -> one bucketed `[B, P]` chunk per row, end to end.
+
+    Packing skips the padding of short candidates (a TextWorld step has 20-50 valid actions of
+    2-12 tokens), and bucketing P keeps the compiled programs few however C and L vary.
+    Returns:
+      `(tokens, segment, offset)`, each `[B, P]` int32: the candidate of each token (-1 on
+      padding) and the token's position within its candidate.
+    """
+    lengths = candidate_mask.sum(-1)  # [B, C]
+    if np.any(candidate_mask != (np.arange(candidate_mask.shape[2]) < lengths[..., None])):
+        raise ValueError("candidates must be right-padded (each candidate's real tokens first)")
+    width = bucket_length(max(int(lengths.sum(1).max()), 1))
+    tokens, segment, offset = (np.zeros((len(lengths), width), np.int32) for _ in range(3))
+    segment[:] = -1
+    for b, row in enumerate(lengths):
+        n = int(row.sum())
+        tokens[b, :n] = candidates[b][candidate_mask[b]]
+        segment[b, :n] = np.repeat(np.arange(len(row)), row)
+        offset[b, :n] = np.arange(n) - np.repeat(np.cumsum(row) - row, row)
+    return tokens, segment, offset
 
 
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
@@ -405,7 +424,8 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
     """Summed log-prob of each candidate continuation of `history + tail`, one forward pass.
 
     This is how an agent picks among valid actions: every candidate is scored against the
-    cached history without copying the cache per candidate.
+    cached history without copying the cache per candidate, and the candidates are packed end
+    to end (`pack_candidates`) so padding costs no compute.
 
     Args:
       model: the decoder.
@@ -422,16 +442,17 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
         raise ValueError(f"candidates and candidate_mask must both be [B, C, L], got "
                          f"{candidates.shape} and {candidate_mask.shape}")
     check_tokens(np.where(candidate_mask, candidates, 0), model.config.vocab_size)
-    extra = candidates.shape[1] * candidates.shape[2]
+    packed = pack_candidates(candidates, candidate_mask)
     tail_tokens, tail_mask, n_real, (prefill_width, key_width) = _check_chunk(
-        model, state, tail_tokens, tail_mask, extra=extra)
+        model, state, tail_tokens, tail_mask, extra=packed[0].shape[1])
     if np.any(n_real == 0):
         raise ValueError("every row needs at least one tail token to condition on")
     graphdef, params = nnx.split(model)
-    candidates, candidate_mask = place_like(state.lengths, candidates,
-                                            candidate_mask.astype(np.float32))
-    return _score_jit(graphdef, params, state, tail_tokens, tail_mask, candidates,
-                      candidate_mask, prefill_width, key_width)
+    num_candidates = candidates.shape[1]
+    (scores, hidden), state = _score_jit(
+        graphdef, params, state, tail_tokens, tail_mask, *place_like(state.lengths, *packed),
+        bucket_length(num_candidates), prefill_width, key_width)
+    return (scores[:, :num_candidates], hidden), state
 
 
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,

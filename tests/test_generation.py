@@ -250,19 +250,21 @@ def test_real_model_greedy_equals_transformers(smollm2, smollm2_torch):
 
 
 def test_score_continuations_equals_separate_forwards(model):
-    from jaxrl_llm.generation import score_continuations
+    from jaxrl_llm.generation import compile_count, score_continuations
 
     vocab = model.config.vocab_size
     history = random_prompts([9, 4], vocab, seed=20)
     tail = random_prompts([3, 5], vocab, seed=21)
-    candidates = [random_prompts([2, 4, 1], vocab, seed=22), random_prompts([3, 1, 2], vocab, 23)]
-    cand = np.zeros((2, 3, 4), np.int32)
-    cand_mask = np.zeros((2, 3, 4), bool)
+    candidates = [random_prompts([2, 4, 1], vocab, seed=22),
+                  random_prompts([3, 1, 2, 4], vocab, 23)]
+    cand = np.zeros((2, 4, 5), np.int32)  # row 0's 4th candidate is empty, L has spare padding
+    cand_mask = np.zeros((2, 4, 5), bool)
     for b in range(2):
         for c, ids in enumerate(candidates[b]):
             cand[b, c, :len(ids)], cand_mask[b, c, :len(ids)] = ids, True
     state = extend(model, DecodeState.empty(model.config, 2, 64), *pad_right(history))
     (scores, _), state = score_continuations(model, state, *pad_right(tail), cand, cand_mask)
+    assert scores.shape == (2, 4) and float(scores[0, 3]) == 0.0
     for b in range(2):
         context = history[b] + tail[b]
         for c, ids in enumerate(candidates[b]):
@@ -271,3 +273,13 @@ def test_score_continuations_equals_separate_forwards(model):
             ref = float(jnp.sum(token_logprobs(jnp.asarray(logits), jnp.asarray([ids]))))
             np.testing.assert_allclose(float(scores[b, c]), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(state.lengths), [9, 4])  # history unchanged
+    # Other candidate counts and widths that pack into the same bucket reuse the program.
+    programs = compile_count()
+    (again, _), state = score_continuations(model, state, *pad_right(tail), cand[:, :3, :4],
+                                            cand_mask[:, :3, :4])
+    np.testing.assert_allclose(np.asarray(again), np.asarray(scores)[:, :3], rtol=1e-5, atol=1e-6)
+    assert compile_count() == programs
+    gap = cand_mask.copy()
+    gap[0, 0, :2] = [False, True]
+    with pytest.raises(ValueError, match="candidates must be right-padded"):
+        score_continuations(model, state, *pad_right(tail), cand, gap)
