@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 
 import jax
@@ -44,10 +43,10 @@ def evaluate_baseline(policy: str, config: Config) -> dict:
     return summarize_limits(episodes, transitions, config.eval_step_limits)
 
 
-def run_config(run_dir: str | None, **overrides) -> Config:
+def run_config(run_dir: str | None) -> Config:
     """The configuration of an existing run (its config.json), else the cpu preset."""
     if run_dir is None:
-        return Config.preset("cpu", **overrides)
+        return Config.preset("cpu")
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --run-dir must be a directory written by "
@@ -55,7 +54,7 @@ def run_config(run_dir: str | None, **overrides) -> Config:
     with open(path) as f:
         saved = json.load(f)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    return dataclasses.replace(Config(**saved), **overrides)
+    return Config(**saved)
 
 
 def main(argv=None) -> dict:
@@ -65,10 +64,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--games", type=int, default=100, help="test seeds 0..N-1")
     parser.add_argument("--step-limits", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--run-dir", default=None, help="a textworld_ppo run (for sft)")
+    parser.add_argument("--num-envs", type=int, default=None,
+                        help="games in lockstep, a divisor of --games (default: the largest "
+                             "divisor up to the run's --num-envs)")
     args = parser.parse_args(argv)
-    config = run_config(args.run_dir, eval_games=args.games,
-                        eval_step_limits=tuple(args.step_limits),
-                        num_envs=math.gcd(args.games, Config().num_envs))
+    saved = run_config(args.run_dir)
+    num_envs = args.num_envs
+    if num_envs is None:
+        num_envs = max(d for d in range(1, min(args.games, saved.num_envs) + 1)
+                       if args.games % d == 0)
+    config = dataclasses.replace(saved, eval_games=args.games, num_envs=num_envs,
+                                 eval_step_limits=tuple(args.step_limits))
     if "sft" in args.policies and (args.run_dir is None or Checkpointer(
             os.path.join(args.run_dir, "checkpoints", "sft")).record() is None):
         raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "

@@ -228,3 +228,5 @@ def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         main(["--policies", "sft", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--eval-games \(6\) must be a multiple of --num-envs"):
+        main(["--games", "6", "--num-envs", "4"])
