@@ -214,7 +214,7 @@ def test_one_play_at_the_largest_limit_summarizes_every_limit(policy):
 def test_cut_episode_at_a_lower_limit():
     e = Episode(seed=0, fold="test", task="T", observations=["o0", "o1", "o2", "o3"],
                 actions=["a", "b", "c"], rewards=[0.0, 0.5, 0.5], scores=[0.0, 0.5, 1.0],
-                score=1.0, success=True)
+                success=True)
     two = e.cut(2)
     assert (two.actions, two.rewards, two.score, two.success, two.truncated, two.terminated) == (
         ["a", "b"], [0.0, 0.5], 0.5, False, True, False)

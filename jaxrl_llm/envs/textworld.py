@@ -74,7 +74,6 @@ class Episode:
     valid_actions: list[str] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
     scores: list[float] = dataclasses.field(default_factory=list)  # score after each step
-    score: float = 0.0
     success: bool = False
     failure: bool = False
     truncated: bool = False
@@ -91,6 +90,10 @@ class Episode:
     def num_steps(self) -> int:
         return len(self.actions)
 
+    @property
+    def score(self) -> float:
+        return self.scores[-1] if self.scores else 0.0
+
     def cut(self, step_limit: int) -> Episode:
         """This episode as it would have ended under a lower `step_limit`.
 
@@ -106,7 +109,7 @@ class Episode:
             self, observations=self.observations[:step_limit + 1],
             actions=self.actions[:step_limit], valid_actions=[],
             rewards=self.rewards[:step_limit], scores=self.scores[:step_limit],
-            score=self.scores[step_limit - 1], success=False, failure=False, truncated=True)
+            success=False, failure=False, truncated=True)
 
 
 def _check_fold(fold: str) -> None:
@@ -191,7 +194,6 @@ class TextWorldBatch:
         episode.rewards.append(float(reward))
         episode.scores.append(float(info["score"]))
         episode.valid_actions = list(info["validActions"])
-        episode.score = episode.scores[-1]
         episode.success, episode.failure = bool(info["tasksuccess"]), bool(info["taskfailure"])
         episode.truncated = not episode.terminated and episode.num_steps >= self.config.step_limit
 
