@@ -85,6 +85,9 @@ class Config:
     def __post_init__(self):
         require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",
                                     "sft_epochs", "ppo_step_limit", "env_workers"), cli=True)
+        if not self.eval_step_limits or min(self.eval_step_limits) < 1:
+            raise ValueError(f"--eval-step-limits must be one or more limits >= 1, got "
+                             f"{self.eval_step_limits}")
         if len(self.mesh) != 3:
             raise ValueError(f"--mesh takes 3 sizes (data fsdp tensor), got {self.mesh}")
         MeshConfig(*self.mesh)  # validates the sizes

@@ -35,6 +35,8 @@ def test_cli_errors():
         parse_args(["--preset", "tpu"])
     with pytest.raises(ValueError, match="--num-envs must be >= 1"):
         parse_args(["--preset", "smoke", "--num-envs", "0"])
+    with pytest.raises(ValueError, match="--eval-step-limits must be one or more limits >= 1"):
+        Config.preset("smoke", eval_step_limits=(16, 0))
 
 
 def test_presets_are_valid_configs():
