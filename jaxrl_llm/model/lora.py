@@ -82,8 +82,12 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x if self.dropout is None else self.dropout(x)
+        # The adapter runs on `[tokens, in]`: with the leading dims kept, the gradients of A and
+        # B contract over two axes (batch, time) and XLA's CPU dots then transpose the whole
+        # output gradient of every adapted layer (~17% of a train step's time).
+        h = h.reshape(-1, h.shape[-1])
         update = (h @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)
-        return self.base(x) + self.scaling * update
+        return self.base(x) + self.scaling * update.reshape(*x.shape[:-1], -1)
 
     def delta_kernel(self) -> jax.Array:
         """`[in, out]` float32 `scaling * A @ B`."""
