@@ -52,7 +52,7 @@ def test_stored_logprobs_and_values_equal_a_fresh_forward(rollout):
 def test_ratio_is_one_on_the_first_minibatch(rollout):
     actor_critic, _, _, arrays, _ = rollout
     batch = next(minibatches(arrays, CONFIG, np.random.default_rng(0)))
-    micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+    micro = jax.tree.map(jnp.asarray, batch[0])
     _, count, metrics = ppo_loss(actor_critic, micro, CONFIG)
     assert float(metrics["ratio_max"] / count) == pytest.approx(1.0, abs=1e-4)
     assert float(metrics["clip_fraction"]) == 0.0
@@ -85,10 +85,12 @@ def test_padding_rows_never_reach_the_loss(rollout):
     actor_critic, _, _, arrays, _ = rollout
     n = len(arrays["prompt"])
     config = PPOConfig(minibatch_size=n + 2, micro_batch_size=n + 2, epochs=1)
-    batch = jax.tree.map(lambda x: jnp.asarray(x[0]),
-                         next(minibatches(arrays, config, np.random.default_rng(0))))
-    garbage = dict(batch, advantage=batch["advantage"].at[n:].set(1e6),
-                   old_logprob=batch["old_logprob"].at[n:].set(-1e6))
+    (batch,) = jax.tree.map(jnp.asarray, next(minibatches(arrays, config,
+                                                          np.random.default_rng(0))))
+    padding = batch["weight"] == 0
+    assert int(padding.sum()) == 2
+    garbage = dict(batch, advantage=jnp.where(padding, 1e6, batch["advantage"]),
+                   old_logprob=jnp.where(padding, -1e6, batch["old_logprob"]))
     for a, b in zip(ppo_loss(actor_critic, batch, config), ppo_loss(actor_critic, garbage, config)):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
 

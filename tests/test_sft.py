@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+from jaxrl_llm.generation import bucket_length
 from jaxrl_llm.logprobs import score_responses, token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
@@ -29,7 +31,7 @@ def test_score_responses_equals_full_forward_slices():
     model = tiny_lora()
     prompts, completions = examples(3)
     config = SFTConfig(batch_size=3, micro_batch_size=3)
-    batch = jax.tree.map(lambda x: x[0], next(batches(prompts, completions, config, epoch=0)))
+    batch = next(batches(prompts, completions, config, epoch=0))[0]
     logprobs, _, hidden = score_responses(model, *(jnp.asarray(batch[k]) for k in (
         "prompt", "prompt_mask", "completion", "completion_mask")))
     for row in range(3):
@@ -50,13 +52,38 @@ def test_batches_cover_every_example_once_with_padding_rows_masked():
     config = SFTConfig(batch_size=4, micro_batch_size=2)
     seen = []
     for batch in batches(prompts, completions, config, epoch=0):
-        assert batch["prompt"].shape[:2] == (2, 2)
-        flat = jax.tree.map(lambda x: x.reshape(4, *x.shape[2:]), batch)
-        for row in range(4):
-            if flat["completion_mask"][row].any():
-                seen.append((tuple(flat["prompt"][row][flat["prompt_mask"][row]]),
-                             tuple(flat["completion"][row][flat["completion_mask"][row]])))
+        assert len(batch) == 2
+        for micro in batch:
+            assert micro["prompt"].shape[0] == 2
+            # Each micro-batch is cut to the bucket of its own longest prompt.
+            assert micro["prompt"].shape[1] == bucket_length(micro["prompt_mask"].sum(1).max())
+            for row in range(2):
+                if micro["completion_mask"][row].any():
+                    seen.append((tuple(micro["prompt"][row][micro["prompt_mask"][row]]),
+                                 tuple(micro["completion"][row][micro["completion_mask"][row]])))
     assert sorted(seen) == sorted((tuple(p), tuple(c)) for p, c in zip(prompts, completions))
+
+
+def test_micro_batches_cut_to_their_own_width_give_the_padded_update():
+    """Cutting each micro-batch's prompt padding changes no gradient: the same rows, all padded
+    to the batch's full width and stacked, give the same update and metrics."""
+    prompts, completions = examples(8, seed=3)
+    prompts[0] = prompts[0] * 3  # one long prompt: the others are cut to a narrower bucket
+    config = SFTConfig(batch_size=8, micro_batch_size=2, remat=False)
+    cut = next(batches(prompts, completions, config, epoch=0))
+    assert len({micro["prompt"].shape[1] for micro in cut}) > 1
+    width = max(micro["prompt"].shape[1] for micro in cut)
+    widen = lambda x: np.pad(x, ((0, 0), (width - x.shape[1], 0)))
+    stacked = {k: np.stack([widen(m[k]) if k.startswith("prompt") else m[k] for m in cut])
+               for k in cut[0]}
+    results = []
+    for batch in (cut, stacked):
+        # Plain SGD: the update is the gradient itself (Adam's first step would amplify the
+        # float noise of near-zero gradients to +-lr).
+        trainer = Trainer(tiny_lora(), optax.sgd(1.0), completion_loss)
+        state, metrics = trainer.step(trainer.init(), batch)
+        results.append((state.trainable, metrics))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
 
 
 def test_sft_learns_completions():

@@ -27,6 +27,7 @@ from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
                               require_ppo_hyperparameters)
 from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
+from jaxrl_llm.train.step import micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +171,24 @@ def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
 
 
 def minibatches(arrays: dict[str, np.ndarray], config: PPOConfig, rng: np.random.Generator):
-    """Shuffled minibatches with leaves `[M, micro_batch_size, ...]`; the last one padded with
-    weight-0 rows (they contribute nothing to the summed loss or the count)."""
+    """Shuffled minibatches, each a list of micro-batches (`train.step.micro_batches`); the last
+    one padded with weight-0 rows (they contribute nothing to the summed loss or the count).
+
+    Rows of a minibatch are ordered by prompt length, so that each micro-batch is cut to a
+    bucket near its own rows' lengths (the minibatch's gradient is a sum: order is free).
+    """
     n = len(arrays["prompt"])
     order = rng.permutation(n)
-    m = config.minibatch_size // config.micro_batch_size
+    lengths = arrays["prompt_mask"].sum(axis=1)
     for start in range(0, n, config.minibatch_size):
         rows = order[start:start + config.minibatch_size]
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
         batch = {k: v[rows] for k, v in arrays.items()}
         short = config.minibatch_size - len(rows)
         if short:
-            batch = {k: np.concatenate([v, v[:1].repeat(short, 0)]) for k, v in batch.items()}
-            batch["weight"][-short:] = 0.0
-        yield jax.tree.map(lambda x: x.reshape(m, config.micro_batch_size, *x.shape[1:]), batch)
+            batch = {k: np.concatenate([v[:1].repeat(short, 0), v]) for k, v in batch.items()}
+            batch["weight"][:short] = 0.0
+        yield micro_batches(batch, config.micro_batch_size)
 
 
 def prepare_rollout(transitions: list[Transition], final_prompts: dict[int, list[int]],

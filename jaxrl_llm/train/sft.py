@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
+from jaxrl_llm.train.step import micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,9 @@ def completion_loss(model, batch, remat: bool = False):
 
 
 def batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-            config: SFTConfig, epoch: int, pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled, length-bucketed batches with leaves `[M, micro_batch_size, ...]`.
+            config: SFTConfig, epoch: int, pad_id: int = 0
+            ) -> Iterator[list[dict[str, np.ndarray]]]:
+    """Shuffled, length-bucketed batches, each a list of micro-batches (`train.step.micro_batches`).
 
     Examples are sorted by prompt length and cut into groups of `batch_size` so that padding is
     small; the order of the groups is shuffled per epoch (seeded). A last incomplete group is
@@ -82,7 +83,5 @@ def batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequen
         prompt, prompt_mask = pad_left(prompts, width, pad_id)
         completion, completion_mask = pad_right(completions, config.completion_len, pad_id)
         completion_mask &= np.array([i is not None for i in rows])[:, None]
-        batch = dict(prompt=prompt, prompt_mask=prompt_mask, completion=completion,
-                     completion_mask=completion_mask)
-        m = config.batch_size // config.micro_batch_size
-        yield jax.tree.map(lambda x: x.reshape(m, config.micro_batch_size, *x.shape[1:]), batch)
+        yield micro_batches(dict(prompt=prompt, prompt_mask=prompt_mask, completion=completion,
+                                 completion_mask=completion_mask), config.micro_batch_size)

@@ -1,10 +1,13 @@
-"""One jitted, donated optimizer step over the trainable parameters (LoRA + value head).
+"""One donated optimizer step over the trainable parameters (LoRA + value head).
 
 The model is split once into `(graphdef, trainable, rng, frozen)`: gradients and optimizer state
 exist only for `trainable` (the `lora.TRAINABLE` filter), so the frozen (int8) base costs no
-optimizer memory. A batch is a pytree whose leaves have a leading micro-batch axis `[M, b, ...]`;
-the step scans over micro-batches, summing gradients of *summed* losses, and divides by the total
-count at the end, so the update is the true token mean of the whole batch whatever M is.
+optimizer memory. A step takes a list of micro-batches (pytrees with leaves `[b, ...]`), each
+run by one jitted program per shape that adds its gradients of the *summed* loss into a donated
+accumulator; a last jitted program divides by the total count and updates, so the update is the
+true token mean of the whole batch however it is split. Micro-batches of one step may have
+different widths (`micro_batches` cuts each prompt to its own length bucket), so a short
+example never pays for the longest one of its batch.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrl_llm.generation import bucket_length
 from jaxrl_llm.model.lora import TRAINABLE
 from jaxrl_llm.sharding import (MeshConfig, make_mesh, opt_state_shardings, shard_batch,
                                 state_shardings)
@@ -76,6 +81,25 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(*chain, optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
+def micro_batches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """Host arrays `[N, ...]` -> `N / size` micro-batches for `Trainer.step`, in row order.
+
+    Each micro-batch's left-padded `prompt` (and `prompt_mask`) keeps only the columns of the
+    length bucket of its own longest prompt: the columns cut are padding in every row of it.
+    """
+    n = len(batch["prompt"])
+    if n % size:
+        raise ValueError(f"{n} rows do not split into micro-batches of {size}")
+    micros = []
+    for start in range(0, n, size):
+        micro = {key: value[start:start + size] for key, value in batch.items()}
+        width = bucket_length(max(int(micro["prompt_mask"].sum(axis=1).max()), 1))
+        micro["prompt"], micro["prompt_mask"] = (micro["prompt"][:, -width:],
+                                                 micro["prompt_mask"][:, -width:])
+        micros.append(micro)
+    return micros
+
+
 class TrainState(NamedTuple):
     """Everything a step changes: adapters (+ value head), optimizer state, dropout RNG."""
 
@@ -120,8 +144,14 @@ class Trainer:
         self._trainable, self._rng = jax.device_put(
             (trainable, rng), (self.shardings.trainable, self.shardings.rng))
         self.frozen = jax.device_put(frozen, state_shardings(frozen, self.mesh))
-        self._step = jax.jit(functools.partial(_train_step, self.graphdef, optimizer, loss_fn),
-                             donate_argnums=0, out_shardings=(self.shardings, replicated))
+        self._replicated = replicated
+        self._micro_grads = functools.partial(_micro_grads, self.graphdef, loss_fn)
+        self._accumulate = jax.jit(
+            functools.partial(_accumulate, self._micro_grads), donate_argnums=0,
+            out_shardings=((self.shardings.trainable, replicated, replicated), replicated))
+        self._update = jax.jit(functools.partial(_update, optimizer), donate_argnums=0,
+                               out_shardings=(self.shardings, replicated))
+        self._zeros = None
 
     def init(self) -> TrainState:
         """A fresh state from the model's current adapters.
@@ -136,40 +166,58 @@ class Trainer:
                           jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step))
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimizer update from `batch` (host arrays, leaves `[M, b, ...]`, b divisible by
-        the mesh's data-parallel size); returns the new state and metrics."""
-        return self._step(state, self.frozen, shard_batch(self.mesh, batch, batch_axis=1))
+        """One optimizer update from `batch` (state is donated); returns the new state and metrics.
+
+        Args:
+          batch: a list of micro-batches (host pytrees, leaves `[b, ...]`, b divisible by the
+            mesh's data-parallel size; shapes may differ between micro-batches), or one pytree
+            of micro-batches stacked along a leading axis `[M, b, ...]`.
+        """
+        if not isinstance(batch, (list, tuple)):
+            batch = [jax.tree.map(lambda x, i=i: x[i], batch)
+                     for i in range(len(jax.tree.leaves(batch)[0]))]
+        if not batch:
+            raise ValueError("a train step needs at least one micro-batch")
+        micros = [shard_batch(self.mesh, micro) for micro in batch]
+        if self._zeros is None:  # the accumulator's structure: traced once, from any micro-batch
+            shapes = jax.eval_shape(self._micro_grads, state.trainable, state.rng, self.frozen,
+                                    micros[0])
+            self._zeros = jax.jit(lambda: jax.tree.map(
+                lambda s: jnp.zeros(s.shape, jnp.float32), shapes[:3]),
+                out_shardings=(self.shardings.trainable, self._replicated, self._replicated))
+        accumulated, rng = self._zeros(), state.rng
+        for micro in micros:
+            accumulated, rng = self._accumulate(accumulated, state.trainable, rng, self.frozen,
+                                                micro)
+        return self._update(state, rng, accumulated)
 
     def model(self, state: TrainState) -> nnx.Module:
         """The full model with `state`'s adapters (shares the frozen base's arrays)."""
         return nnx.merge(self.graphdef, state.trainable, state.rng, self.frozen)
 
 
-def _train_step(graphdef, optimizer, loss_fn, state: TrainState, frozen, batch):
-    def micro_loss(trainable, rng, micro):
+def _micro_grads(graphdef, loss_fn, trainable, rng, frozen, micro):
+    """Gradients of one micro-batch's summed loss: `(grads, count, metric_sums, rng)`."""
+    def micro_loss(trainable, rng):
         model = nnx.merge(graphdef, trainable, rng, frozen)
         loss_sum, count, metric_sums = loss_fn(model, micro)
         return loss_sum, (count, metric_sums, nnx.state(model, nnx.RngState))
 
-    grad_fn = jax.grad(micro_loss, has_aux=True)
+    grads, (count, metric_sums, rng) = jax.grad(micro_loss, has_aux=True)(trainable, rng)
+    return grads, jnp.asarray(count, jnp.float32), metric_sums, rng
 
-    def accumulate(carry, micro):
-        grads, rng, count, metric_sums = carry
-        micro_grads, (micro_count, micro_metrics, rng) = grad_fn(state.trainable, rng, micro)
-        grads = jax.tree.map(jnp.add, grads, micro_grads)
-        metric_sums = jax.tree.map(jnp.add, metric_sums, micro_metrics)
-        return (grads, rng, count + micro_count, metric_sums), None
 
-    # Metric names/shapes come from tracing the loss once on the first micro-batch.
-    first = jax.tree.map(lambda x: x[0], batch)
-    metric_shapes = jax.eval_shape(lambda: micro_loss(state.trainable, state.rng, first)[1][1])
-    carry = (jax.tree.map(jnp.zeros_like, state.trainable), state.rng, jnp.float32(0),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
-    (grads, rng, count, metric_sums), _ = jax.lax.scan(accumulate, carry, batch)
+def _accumulate(micro_grads, accumulated, trainable, rng, frozen, micro):
+    grads, count, metric_sums, rng = micro_grads(trainable, rng, frozen, micro)
+    return jax.tree.map(jnp.add, accumulated, (grads, count, metric_sums)), rng
+
+
+def _update(optimizer, state: TrainState, rng, accumulated):
+    grads, count, metric_sums = accumulated
     count = jnp.maximum(count, 1.0)  # an all-padding batch gives zero grads, not NaN
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {name: value / count for name, value in metric_sums.items()}
-    metrics.update(grad_norm=optax.global_norm(grads), tokens=count)
+    metrics.update(grad_norm=optax.tree.norm(grads), tokens=count)
     return TrainState(trainable, opt_state, rng, state.step + 1), metrics
