@@ -113,6 +113,7 @@ def run_torch(args) -> dict:
 VARIANTS = {  # name: (engine, base, micro_batch, remat)
     "torch fp32, batch 8, checkpointing": ("torch", "float32", 8, True),
     "torch fp32, 8 micro-batches of 1": ("torch", "float32", 1, False),
+    "ours int8, 8 micro-batches of 1": ("ours", "int8", 1, False),
     "ours int8, 8 micro-batches of 1, remat": ("ours", "int8", 1, True),
     "ours int8, 4 micro-batches of 2, remat": ("ours", "int8", 2, True),
     "ours fp32, 8 micro-batches of 1, remat": ("ours", "float32", 1, True),

@@ -69,6 +69,9 @@ class Config:
     sft_batch_size: int = 8
     sft_micro_batch_size: int = 2
     sft_learning_rate: float = 2e-4
+    # Recompute activations in the backward pass (SFT and PPO). Off on CPU: at micro-batches of
+    # 1-2 prompts it costs ~20% of a step and saves no peak memory (benchmarks/train_step.py).
+    remat: bool = False
     ppo_iterations: int = 2
     ppo_step_limit: int = 16  # step limit of the training games
     ppo_epochs: int = 1
@@ -104,7 +107,7 @@ class Config:
             "cpu": {},
             "gpu": dict(max_history=None, train_games=400, eval_games=128, num_envs=32,
                         eval_step_limits=(16, 32),
-                        sft_epochs=2, sft_batch_size=32, sft_micro_batch_size=8,
+                        sft_epochs=2, sft_batch_size=32, sft_micro_batch_size=8, remat=True,
                         ppo_iterations=50, ppo_epochs=2, env_workers=16,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
         }
@@ -151,7 +154,7 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     longest_action = max(len(ids) for ids in data["action_ids"])
     sft_config = SFTConfig(epochs=config.sft_epochs, batch_size=config.sft_batch_size,
                            micro_batch_size=config.sft_micro_batch_size, seed=config.seed,
-                           completion_len=-(-longest_action // 8) * 8)
+                           completion_len=-(-longest_action // 8) * 8, remat=config.remat)
     steps_per_epoch = -(-len(data) // config.sft_batch_size)
     optimizer = make_optimizer(OptimConfig(
         learning_rate=config.sft_learning_rate, warmup_steps=max(1, steps_per_epoch // 10),
@@ -191,7 +194,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     actor_critic = ActorCritic(model)
     trainer = Trainer(actor_critic, make_optimizer(OptimConfig(
         learning_rate=ppo_config.learning_rate, weight_decay=0.0)),
-        functools.partial(ppo_loss, config=ppo_config, remat=True), mesh=mesh)
+        functools.partial(ppo_loss, config=ppo_config, remat=config.remat), mesh=mesh)
     state = trainer.init()
     reference = trainer.model(trainer.init())  # the frozen warm start: KL anchor
     checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints"))

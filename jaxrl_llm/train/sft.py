@@ -33,7 +33,7 @@ class SFTConfig:
     batch_size: int = 8
     micro_batch_size: int = 1
     completion_len: int = 16
-    remat: bool = True
+    remat: bool = False
     seed: int = 0
 
     def __post_init__(self):
