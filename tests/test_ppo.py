@@ -16,7 +16,7 @@ from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train.ppo import (PPOConfig, action_scores, minibatches, ppo_loss,
-                                 prepare_rollout, step_advantages)
+                                 prepare_rollout, score_all, step_advantages)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 pytestmark = pytest.mark.textworld
@@ -47,6 +47,12 @@ def test_stored_logprobs_and_values_equal_a_fresh_forward(rollout):
     logprob, _, value = action_scores(actor_critic, jax.tree.map(jnp.asarray, arrays))
     np.testing.assert_allclose(np.asarray(logprob), arrays["old_logprob"], atol=1e-4)
     np.testing.assert_allclose(np.asarray(value), arrays["old_value"], atol=1e-4)
+    # `score_all` (the reference log-probs; here the reference is the policy itself) runs
+    # length-sorted chunks cut to their own widths: row by row, the same as one full forward.
+    np.testing.assert_allclose(arrays["ref_logprob"], np.asarray(logprob), atol=1e-5)
+    chunked_logprob, _, chunked_value = score_all(actor_critic, arrays, chunk=2)
+    np.testing.assert_allclose(chunked_logprob, np.asarray(logprob), atol=1e-5)
+    np.testing.assert_allclose(chunked_value, np.asarray(value), atol=1e-5)
 
 
 def test_ratio_is_one_on_the_first_minibatch(rollout):

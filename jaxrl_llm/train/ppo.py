@@ -92,19 +92,26 @@ def _scores_jit(graphdef, state, batch):
 
 
 def score_all(actor_critic, arrays: dict[str, np.ndarray], chunk: int = 8):
-    """`action_scores` over all rows of `arrays` in chunks (one compile per bucket width)."""
+    """`action_scores` over all rows of `arrays`, in input order.
+
+    Rows run in chunks of similar prompt length, each cut to its own length bucket
+    (`train.step.micro_batches`): one compile per bucket width, and short prompts skip the
+    padding of the longest.
+    """
     graphdef, state = nnx.split(actor_critic)
-    outputs = []
-    for start in range(0, len(arrays["prompt"]), chunk):
-        part = {k: v[start:start + chunk] for k, v in arrays.items()}
-        rows = len(part["prompt"])
-        if rows < chunk:  # pad the last chunk to the common shape with all-masked rows
-            part = {k: np.concatenate([v, np.zeros((chunk - rows,) + v.shape[1:], v.dtype)])
-                    for k, v in part.items()}
-            part["prompt_mask"][rows:, -1] = True  # a row needs one visible token
-        out = _scores_jit(graphdef, state, jax.tree.map(jnp.asarray, part))
-        outputs.append(jax.tree.map(lambda x: np.asarray(x)[:rows], out))
-    return tuple(np.concatenate(parts) for parts in zip(*outputs))
+    n = len(arrays["prompt"])
+    order = np.argsort(arrays["prompt_mask"].sum(axis=1), kind="stable")
+    rows = {k: v[order] for k, v in arrays.items()}
+    short = -n % chunk
+    if short:  # pad the last chunk to the common row count with all-masked rows
+        rows = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+                for k, v in rows.items()}
+        rows["prompt_mask"][n:, -1] = True  # a row needs one visible token
+    outputs = [jax.tree.map(np.asarray, _scores_jit(graphdef, state,
+                                                     jax.tree.map(jnp.asarray, part)))
+               for part in micro_batches(rows, chunk)]
+    inverse = np.argsort(order)
+    return tuple(np.concatenate(parts)[:n][inverse] for parts in zip(*outputs))
 
 
 def transition_arrays(prompts, actions, pad_id: int, action_len: int) -> dict[str, np.ndarray]:
