@@ -12,7 +12,7 @@ from jaxrl_llm.logprobs import score_responses, token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
-from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
+from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer, micro_batches
 
 
 def tiny_lora():
@@ -106,3 +106,7 @@ def test_bad_sft_inputs():
         SFTConfig(batch_size=6, micro_batch_size=4)
     with pytest.raises(ValueError, match="exceed completion_len=2"):
         next(batches([[1, 2]], [[3, 4, 5]], SFTConfig(completion_len=2), 0))
+    rows = dict(prompt=np.ones((4, 16), np.int32), prompt_mask=np.ones((4, 16), bool))
+    for size in (0, 3):
+        with pytest.raises(ValueError, match=f"micro-batches of {size}: use a size >= 1"):
+            micro_batches(rows, size)

@@ -88,8 +88,9 @@ def micro_batches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.
     length bucket of its own longest prompt: the columns cut are padding in every row of it.
     """
     n = len(batch["prompt"])
-    if n % size:
-        raise ValueError(f"{n} rows do not split into micro-batches of {size}")
+    if size < 1 or n % size:
+        raise ValueError(f"{n} rows do not split into micro-batches of {size}: use a size >= 1 "
+                         "that divides the row count")
     micros = []
     for start in range(0, n, size):
         micro = {key: value[start:start + size] for key, value in batch.items()}
