@@ -19,28 +19,20 @@ import os
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from experiments.textworld_ppo import Config, evaluate, load_policy, print_table, sft
-from jaxrl_llm.agent import BASELINES, play_baseline, summarize_limits
+from jaxrl_llm.agent import BASELINES, evaluate_policy, play_baseline
 from jaxrl_llm.checkpoint import Checkpointer
-from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 
 POLICIES = BASELINES + ("zero-shot", "sft")
 
 
 def evaluate_baseline(policy: str, config: Config) -> dict:
-    limit, episodes, transitions = max(config.eval_step_limits), [], []
-    num_envs = min(config.num_envs, config.eval_games)
-    with TextWorldBatch(GameConfig(step_limit=limit), num_envs,
-                        workers=config.env_workers) as games:
-        for start in tqdm(range(0, config.eval_games, num_envs), desc=f"{policy} {limit}"):
-            eps, trs = play_baseline(games, list(range(start, start + num_envs)), "test", policy,
-                                     np.random.default_rng(start))
-            episodes += eps
-            transitions += trs
-    return summarize_limits(episodes, transitions, config.eval_step_limits)
+    play_chunk = lambda games, seeds, on_step: play_baseline(
+        games, seeds, "test", policy, np.random.default_rng(seeds[0]), on_step)
+    return evaluate_policy(play_chunk, config.eval_games, config.num_envs,
+                           config.eval_step_limits, workers=config.env_workers, label=policy)
 
 
 def run_config(run_dir: str | None) -> Config:
@@ -69,6 +61,12 @@ def main(argv=None) -> dict:
                              "divisor up to the run's --num-envs)")
     args = parser.parse_args(argv)
     saved = run_config(args.run_dir)
+    if args.games < 1 or (args.num_envs is not None and args.num_envs < 1):
+        parser.error("--games and --num-envs must be >= 1")
+    if args.num_envs is not None and args.games % args.num_envs:
+        parser.error(f"--num-envs ({args.num_envs}) must divide --games ({args.games})")
+    if not args.step_limits or min(args.step_limits) < 1:
+        parser.error(f"--step-limits must be limits >= 1, got {args.step_limits}")
     num_envs = args.num_envs
     if num_envs is None:
         num_envs = max(d for d in range(1, min(args.games, saved.num_envs) + 1)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from experiments.common import load_base, parse_preset_config
 
 from jaxrl_llm import text
-from jaxrl_llm.agent import AgentConfig, play, summarize_limits
+from jaxrl_llm.agent import AgentConfig, evaluate_policy, play
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint
 from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import expert_dataset
@@ -127,24 +127,14 @@ def load_policy(config: Config):
 
 
 def evaluate(model, tokenizer, config: Config, key, label: str, mesh) -> dict:
-    """Greedy play on test seeds 0..M-1, summarized at every configured step limit (one play
-    at the largest: the policy never sees the limit)."""
+    """Greedy play on test seeds 0..M-1, summarized at every configured step limit."""
     agent = AgentConfig(mode=config.agent_mode, max_history=config.max_history,
                         max_action_tokens=12)
-    num_envs, limit = min(config.num_envs, config.eval_games), max(config.eval_step_limits)
-    episodes, transitions = [], []
-    with TextWorldBatch(GameConfig(step_limit=limit), num_envs,
-                        workers=config.env_workers) as games:
-        bar = tqdm(total=config.eval_games * limit, desc=f"eval {label} limit {limit}",
-                   unit="step")
-        for start in range(0, config.eval_games, num_envs):
-            seeds = list(range(start, start + num_envs))
-            eps, trs = play(model, tokenizer, games, seeds, "test", key, agent,
-                            on_step=lambda e: bar.update(num_envs), mesh=mesh)
-            episodes += eps
-            transitions += trs
-        bar.close()
-    return summarize_limits(episodes, transitions, config.eval_step_limits)
+    play_chunk = lambda games, seeds, on_step: play(model, tokenizer, games, seeds, "test", key,
+                                                    agent, on_step=on_step, mesh=mesh)
+    return evaluate_policy(play_chunk, config.eval_games, min(config.num_envs, config.eval_games),
+                           config.eval_step_limits, workers=config.env_workers,
+                           label=f"eval {label}")
 
 
 def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]:

@@ -16,10 +16,11 @@ from typing import Callable
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxrl_llm import text
-from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, OBSERVATION_BLOCK, Episode, TextWorldBatch,
-                                      prompt_pieces, step_tail)
+from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, OBSERVATION_BLOCK, Episode, GameConfig,
+                                      TextWorldBatch, prompt_pieces, step_tail)
 from jaxrl_llm.generation import (DecodeState, SamplingConfig, extend, generate_from, pad_right,
                                   score_continuations)
 
@@ -169,7 +170,9 @@ BASELINES = ("random", "gold")
 
 
 def play_baseline(games: TextWorldBatch, seeds, fold: str, policy: str,
-                  rng: np.random.Generator) -> tuple[list[Episode], list[Transition]]:
+                  rng: np.random.Generator,
+                  on_step: Callable[[list[Episode]], None] | None = None
+                  ) -> tuple[list[Episode], list[Transition]]:
     """Reference policies without a model: a uniformly random valid action, or the expert's
     gold path (cut by the step limit like any policy). Transitions carry only action validity."""
     if policy not in BASELINES:
@@ -189,7 +192,35 @@ def play_baseline(games: TextWorldBatch, seeds, fold: str, policy: str,
                                           action in e.valid_actions))
             actions.append(action)
         episodes = games.step(actions)
+        if on_step:
+            on_step(episodes)
     return episodes, transitions
+
+
+PlayChunk = Callable[[TextWorldBatch, list[int], Callable[[list[Episode]], None]],
+                     tuple[list[Episode], list[Transition]]]
+
+
+def evaluate_policy(play_chunk: PlayChunk, num_games: int, num_envs: int, step_limits, *,
+             workers: int = 1, label: str = "eval") -> dict[str, dict[str, float]]:
+    """Play test seeds 0..num_games-1, `num_envs` in lockstep, and summarize at every limit.
+
+    One play at the largest limit, cut to the smaller ones (the policy never sees the limit).
+    `play_chunk(games, seeds, on_step)` plays one episode per seed (`play` or `play_baseline`
+    on the "test" fold, bound to a policy) and calls `on_step` after each lockstep step.
+    """
+    if num_games < 1 or num_envs < 1 or num_games % num_envs:
+        raise ValueError(f"evaluation needs num_games ({num_games}) to be a positive multiple "
+                         f"of the games in lockstep ({num_envs})")
+    limit, episodes, transitions = max(step_limits), [], []
+    with TextWorldBatch(GameConfig(step_limit=limit), num_envs, workers=workers) as games, \
+            tqdm(total=num_games * limit, desc=f"{label} limit {limit}", unit="step") as bar:
+        for start in range(0, num_games, num_envs):
+            eps, trs = play_chunk(games, list(range(start, start + num_envs)),
+                                  lambda _: bar.update(num_envs))
+            episodes += eps
+            transitions += trs
+    return summarize_limits(episodes, transitions, step_limits)
 
 
 def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[str, float]:

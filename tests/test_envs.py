@@ -192,7 +192,7 @@ def test_baselines_gold_solves_with_room_and_random_is_valid():
 def test_one_play_at_the_largest_limit_summarizes_every_limit(policy):
     """Cutting episodes played at limit 24 to 12 gives what playing at limit 12 gives; the gold
     path succeeds in some games within 24 steps but in none within 12 (FACTS: 10-26 steps)."""
-    from jaxrl_llm.agent import play_baseline, summarize_limits
+    from jaxrl_llm.agent import evaluate_policy, play_baseline, summarize_limits
 
     def run(limit):
         with TextWorldBatch(GameConfig(step_limit=limit), 3) as batch:
@@ -205,6 +205,12 @@ def test_one_play_at_the_largest_limit_summarizes_every_limit(policy):
             for e in cut] == [(e.observations, e.actions, e.rewards, e.scores, e.score, e.success,
                                e.truncated) for e in short_episodes]
     summaries = summarize_limits(long_episodes, long_transitions, (12, 24))
+    # The harness of every experiment plays at the largest limit and cuts: the same table.
+    play_chunk = lambda games, seeds, on_step: play_baseline(
+        games, seeds, "test", policy, np.random.default_rng(0), on_step)
+    assert evaluate_policy(play_chunk, 3, 3, (12, 24)) == summaries
+    with pytest.raises(ValueError, match=r"num_games \(4\) to be a positive multiple"):
+        evaluate_policy(play_chunk, 4, 3, (12, 24))
     assert summaries["limit_12"] == summarize(short_episodes, short_transitions)
     assert summaries["limit_24"] == summarize(long_episodes, long_transitions)
     if policy == "gold":
@@ -223,10 +229,14 @@ def test_cut_episode_at_a_lower_limit():
         e.cut(0)
 
 
-def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path):
+def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path, capsys):
     from experiments.textworld_eval import main
 
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         main(["--policies", "sft", "--run-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match=r"--eval-games \(6\) must be a multiple of --num-envs"):
-        main(["--games", "6", "--num-envs", "4"])
+    for argv, message in [(["--games", "6", "--num-envs", "4"], "--num-envs (4) must divide"),
+                          (["--games", "0"], "--games and --num-envs must be >= 1"),
+                          (["--step-limits", "0"], "--step-limits must be limits >= 1")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
