@@ -115,7 +115,9 @@ VARIANTS = {  # name: (engine, base, micro_batch, remat)
     "torch fp32, 8 micro-batches of 1": ("torch", "float32", 1, False),
     "ours int8, 8 micro-batches of 1": ("ours", "int8", 1, False),
     "ours int8, 8 micro-batches of 1, remat": ("ours", "int8", 1, True),
+    "ours int8, 4 micro-batches of 2": ("ours", "int8", 2, False),
     "ours int8, 4 micro-batches of 2, remat": ("ours", "int8", 2, True),
+    "ours int8, 2 micro-batches of 4, remat": ("ours", "int8", 4, True),
     "ours fp32, 8 micro-batches of 1, remat": ("ours", "float32", 1, True),
 }
 
