@@ -60,13 +60,13 @@ def main(argv=None) -> dict:
                         help="games in lockstep, a divisor of --games (default: the largest "
                              "divisor up to the run's --num-envs)")
     args = parser.parse_args(argv)
-    saved = run_config(args.run_dir)
     if args.games < 1 or (args.num_envs is not None and args.num_envs < 1):
         parser.error("--games and --num-envs must be >= 1")
     if args.num_envs is not None and args.games % args.num_envs:
         parser.error(f"--num-envs ({args.num_envs}) must divide --games ({args.games})")
     if not args.step_limits or min(args.step_limits) < 1:
         parser.error(f"--step-limits must be limits >= 1, got {args.step_limits}")
+    saved = run_config(args.run_dir)
     num_envs = args.num_envs
     if num_envs is None:
         num_envs = max(d for d in range(1, min(args.games, saved.num_envs) + 1)

@@ -70,8 +70,8 @@ class Config:
     sft_micro_batch_size: int = 2
     sft_learning_rate: float = 2e-4
     # Recompute activations in the backward pass (SFT and PPO): a 1,040-token gradient of
-    # SmolLM2-135M then needs 0.6 GB of temporaries instead of 3.5 GB, for ~25% more time. Off in
-    # the cpu preset, whose short prompts fit a 24 GB machine either way.
+    # SmolLM2-135M then needs 0.6 GB of temporaries instead of 3.5 GB, for ~7% more time
+    # (benchmarks/train_step.py). Off in the cpu preset, whose short prompts fit either way.
     remat: bool = False
     ppo_iterations: int = 2
     ppo_step_limit: int = 16  # step limit of the training games
