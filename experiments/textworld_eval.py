@@ -7,7 +7,9 @@
 Policies: `random` (uniform valid action), `gold` (the expert path, cut by the step limit),
 `zero-shot` (the base model with fresh, zero-effect adapters), `sft` (the SFT adapters of
 `--run-dir`, as written by `experiments.textworld_ppo`). Model policies act greedily, in each of
-`--modes`. Test seeds 0..games-1; results also go to `<run-dir>/eval_table.json`.
+`--modes`. Test seeds 0..games-1; results also go to `<run-dir>/eval_table.json`. Finished
+games are kept in `<run-dir>/eval/`, one record per policy and mode: rerun the same command after a kill
+and only the games not yet played are played.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ import os
 import jax
 import numpy as np
 
-from experiments.textworld_ppo import Config, evaluate, load_policy, print_table, sft
+from experiments.textworld_ppo import (Config, evaluate, load_policy, print_table, sft,
+                                       sft_checkpoint)
 from jaxrl_llm.agent import BASELINES, evaluate_policy, play_baseline
-from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.checkpoint import Checkpointer, fingerprint
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 
 POLICIES = BASELINES + ("zero-shot", "sft")
 
 
-def evaluate_baseline(policy: str, config: Config) -> dict:
+def evaluate_baseline(policy: str, config: Config, record_dir: str | None = None) -> dict:
     play_chunk = lambda games, seeds, on_step: play_baseline(
         games, seeds, "test", policy, np.random.default_rng(seeds[0]), on_step)
     return evaluate_policy(play_chunk, config.eval_games, config.num_envs,
-                           config.eval_step_limits, workers=config.env_workers, label=policy)
+                           config.eval_step_limits, workers=config.env_workers, label=policy,
+                           record_dir=record_dir, settings=dict(policy=policy))
 
 
 def run_config(run_dir: str | None) -> Config:
@@ -77,22 +81,25 @@ def main(argv=None) -> dict:
             os.path.join(args.run_dir, "checkpoints", "sft")).record() is None):
         raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
                          "experiments.textworld_ppo first)")
+    out_dir = args.run_dir or "runs/textworld_eval"
+    # Finished games are kept per policy and mode: a rerun after a kill plays only the rest.
+    config = dataclasses.replace(config, run_dir=out_dir)
     results, mesh, model = {}, make_mesh(MeshConfig(*config.mesh)), None
     for policy in args.policies:
         if policy in BASELINES:
-            results[policy] = evaluate_baseline(policy, config)
+            results[policy] = evaluate_baseline(policy, config, os.path.join(out_dir, "eval"))
             continue
         if model is None:
             model, tokenizer = load_policy(config)
             shard_model(model, mesh)
-        policy_model = model
+        policy_model, identity = model, dict(fingerprint=fingerprint(model))
         if policy == "sft":
             policy_model, _ = sft(model, tokenizer, config, lambda record: None, mesh)
+            identity = sft_checkpoint(config).record()
         for mode in args.modes:
             results[f"{policy} ({mode})"] = evaluate(
                 policy_model, tokenizer, dataclasses.replace(config, agent_mode=mode),
-                jax.random.key(config.seed), f"{policy} {mode}", mesh)
-    out_dir = args.run_dir or "runs/textworld_eval"
+                jax.random.key(config.seed), policy, mesh, policy=identity)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval_table.json"), "w") as f:
         json.dump(results, f, indent=2)

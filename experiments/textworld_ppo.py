@@ -127,15 +127,23 @@ def load_policy(config: Config):
     return model, tokenizer
 
 
-def evaluate(model, tokenizer, config: Config, key, label: str, mesh) -> dict:
-    """Greedy play on test seeds 0..M-1, summarized at every configured step limit."""
+def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
+             policy: dict | None = None) -> dict:
+    """Greedy play on test seeds 0..M-1, summarized at every configured step limit.
+
+    With `policy` (what identifies the weights, e.g. the checkpoint's record), finished games
+    are kept in `<run_dir>/eval/` (`agent.eval_record_path`) and a rerun plays only the rest.
+    """
     agent = AgentConfig(mode=config.agent_mode, max_history=config.max_history,
                         max_action_tokens=12)
     play_chunk = lambda games, seeds, on_step: play(model, tokenizer, games, seeds, "test", key,
                                                     agent, on_step=on_step, mesh=mesh)
+    settings = policy and dict(policy=policy, agent=dataclasses.asdict(agent), seed=config.seed,
+                               model_path=config.model_path, quantize=config.quantize)
     return evaluate_policy(play_chunk, config.eval_games, min(config.num_envs, config.eval_games),
                            config.eval_step_limits, workers=config.env_workers,
-                           label=f"eval {label}")
+                           label=f"eval {label} {agent.mode}", settings=settings,
+                           record_dir=os.path.join(config.run_dir, "eval") if policy else None)
 
 
 def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]:
@@ -153,7 +161,7 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     trainer = Trainer(model, optimizer,
                       functools.partial(completion_loss, remat=sft_config.remat), mesh=mesh)
     state = trainer.init()
-    checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints", "sft"))
+    checkpoints = sft_checkpoint(config)
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
     if restored:  # a resumed run: the warm start (and KL anchor) is the saved one
         print(f"loaded the SFT adapters from {checkpoints.directory}")
@@ -174,6 +182,10 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     checkpoints.save(state, jax.random.key(0), dict(fingerprint=fingerprint(model),
                                                     seconds=seconds))
     return trainer.model(state), seconds
+
+
+def sft_checkpoint(config: Config) -> Checkpointer:
+    return Checkpointer(os.path.join(config.run_dir, "checkpoints", "sft"))
 
 
 def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
@@ -268,13 +280,17 @@ def main(config: Config) -> dict:
           f"{dict(mesh.shape)}", flush=True)
     results = {}
     if config.zero_shot_eval:
-        results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot", mesh)
+        results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot", mesh,
+                                        policy=dict(fingerprint=fingerprint(model)))
     model, sft_seconds = sft(model, tokenizer, config, log, mesh)
-    results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh)
+    results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh,
+                              policy=sft_checkpoint(config).record())
     results["sft_wall_time_s"] = sft_seconds
     start = time.time()
     model = ppo(model, tokenizer, config, key, log, mesh)
-    results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh)
+    results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh,
+                              policy=Checkpointer(os.path.join(config.run_dir, "checkpoints"))
+                              .record())
     results["ppo_wall_time_s"] = time.time() - start
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

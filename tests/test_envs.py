@@ -240,3 +240,44 @@ def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
+    """Chunks already in the record are not played again; the table equals an unbroken run's;
+    a line cut short by the kill is dropped; a record of other settings is refused."""
+    from jaxrl_llm.agent import (eval_record_path, evaluate_policy, play_baseline,
+                                 read_eval_record)
+
+    played = []
+
+    def play_chunk(games, seeds, on_step):
+        played.append(seeds)
+        if len(played) == 2 and kill:
+            raise KeyboardInterrupt
+        return play_baseline(games, seeds, "test", "random", np.random.default_rng(seeds[0]),
+                             on_step)
+
+    directory, settings = str(tmp_path / "eval"), dict(policy="random")
+    run = lambda: evaluate_policy(play_chunk, 4, 2, (6, 8), record_dir=directory,
+                                  settings=settings)
+    kill = False
+    unbroken = evaluate_policy(play_chunk, 4, 2, (6, 8))
+    played.clear()
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    header = dict(label="eval", settings=settings, num_envs=2, step_limit=8)
+    record = eval_record_path(directory, header)
+    with open(record, "a") as f:
+        f.write('{"start": 2, "episo')  # a write cut short by the kill
+    kill = False
+    assert run() == unbroken
+    assert played == [[0, 1], [2, 3], [2, 3]]  # the first chunk came from the record
+    chunks = read_eval_record(record, header)
+    assert sorted(chunks) == [0, 2] and all(len(e) == 2 for e, _ in chunks.values())
+    assert all(t.action and not t.prompt_ids for _, trs in chunks.values() for t in trs)
+    # Other settings (another checkpoint, say) get a record of their own.
+    other = dict(header, settings=dict(policy="random", checkpoint=2))
+    assert eval_record_path(directory, other) != record
+    with pytest.raises(ValueError, match="records an evaluation with other settings"):
+        read_eval_record(record, other)

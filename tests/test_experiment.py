@@ -22,6 +22,10 @@ def test_smoke_run_and_resume(tmp_path):
     sft_steps = [r for r in records if r["stage"] == "sft"]
     assert sft_steps and all(r["epoch"] == 0 for r in sft_steps)
     assert len({r["step"] for r in sft_steps}) == len(sft_steps)  # SFT ran once
+    # The SFT evaluation was kept and reused; the PPO policy changed, so it was played again.
+    kept = sorted(os.listdir(os.path.join(run_dir, "eval")))
+    assert [name.split("-")[0] for name in kept] == [
+        "eval_ppo_score", "eval_ppo_score", "eval_sft_score", "eval_zero_shot_score"]
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
     with open(os.path.join(run_dir, "eval.json")) as f:
         assert "limit_4" in json.load(f)["ppo"]
