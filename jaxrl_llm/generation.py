@@ -293,12 +293,13 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=2)
 def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, packed, segment, offset,
-               num_candidates: int, prefill_width: int, key_width: int):
+               key_width: int):
     model = nnx.merge(graphdef, params)
     n_tail = tail_mask.sum(1, dtype=jnp.int32)
-    hidden, cache = _feed(model, state, tail, prefill_width)
+    # The tail reads the candidates' key width too: one static width per program, not two.
+    hidden, cache = _feed(model, state, tail, key_width)
     last_tail = jnp.take_along_axis(hidden, (n_tail - 1)[:, None, None], axis=1)  # [B, 1, D]
     history = state.lengths + n_tail
     # The candidates are packed end to end in one chunk after the history, flat token i at slot
@@ -314,8 +315,11 @@ def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, packed, se
     previous = jnp.concatenate([last_tail, cand_hidden[:, :-1]], axis=1)
     predicting = jnp.where((offset == 0)[..., None], last_tail, previous)
     logprobs = token_logprobs(model.logits(predicting), packed)
-    # Padding has segment -1: its one-hot row is all zeros.
-    scores = jnp.einsum("bp,bpc->bc", logprobs, jax.nn.one_hot(segment, num_candidates))
+    # Summed per candidate into P slots (there are at most P candidates), so that the number of
+    # candidates is not a static shape; padding (segment -1) is sent out of range and dropped.
+    rows = jnp.arange(packed.shape[0])[:, None]
+    scores = jnp.zeros(packed.shape, jnp.float32).at[
+        rows, jnp.where(segment < 0, packed.shape[1], segment)].add(logprobs, mode="drop")
     return (scores, last_tail[:, 0]), DecodeState(cache=cache, lengths=state.lengths)
 
 
@@ -443,16 +447,15 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
                          f"{candidates.shape} and {candidate_mask.shape}")
     check_tokens(np.where(candidate_mask, candidates, 0), model.config.vocab_size)
     packed = pack_candidates(candidates, candidate_mask)
-    tail_tokens, tail_mask, n_real, (prefill_width, key_width) = _check_chunk(
+    tail_tokens, tail_mask, n_real, (_, key_width) = _check_chunk(
         model, state, tail_tokens, tail_mask, extra=packed[0].shape[1])
     if np.any(n_real == 0):
         raise ValueError("every row needs at least one tail token to condition on")
     graphdef, params = nnx.split(model)
-    num_candidates = candidates.shape[1]
     (scores, hidden), state = _score_jit(
         graphdef, params, state, tail_tokens, tail_mask, *place_like(state.lengths, *packed),
-        bucket_length(num_candidates), prefill_width, key_width)
-    return (scores[:, :num_candidates], hidden), state
+        key_width)
+    return (scores[:, :candidates.shape[1]], hidden), state
 
 
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,

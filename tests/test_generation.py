@@ -279,6 +279,13 @@ def test_score_continuations_equals_separate_forwards(model):
                                             cand_mask[:, :3, :4])
     np.testing.assert_allclose(np.asarray(again), np.asarray(scores)[:, :3], rtol=1e-5, atol=1e-6)
     assert compile_count() == programs
+    # Nor is the number of candidates a static shape: 3 candidates of 7 tokens and 20 of one
+    # token pack into the same 24-token bucket and share one program.
+    programs = compile_count()
+    for count, length in [(3, 7), (20, 1)]:
+        many = np.ones((2, count, length), np.int32)
+        _, state = score_continuations(model, state, *pad_right(tail), many, many.astype(bool))
+    assert compile_count() == programs + 1
     gap = cand_mask.copy()
     gap[0, 0, :2] = [False, True]
     with pytest.raises(ValueError, match="candidates must be right-padded"):
