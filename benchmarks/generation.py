@@ -8,7 +8,8 @@ Prompts: gold paths of TextWorld cookingworld train games (seeds 0-49) in notebo
 RSS reported is its own. Reported per batch size: end-to-end tokens/s (new tokens / wall time),
 prefill tokens/s (prompt tokens / time of a 1-token generate), decode tokens/s (the 15 further
 tokens / the extra time), first-call (compile) time, peak RSS, and ours/torch-best ratios.
-Multi-turn mode replays gold games step by step: incremental prefill (history in the cache, only
+Multi-turn mode replays gold games step by step (the first train games whose gold path is at
+least --multi-turn-steps long; full histories): incremental prefill (history in the cache, only
 new text prefilled) vs re-prefilling the whole prompt each step.
 """
 
@@ -90,9 +91,10 @@ def multi_turn(model, args) -> dict:
     games = args.multi_turn_games
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
     with TextWorldBatch(GameConfig(step_limit=64), games) as batch:
-        episodes = batch.reset(list(range(games)), "train", gold=True)
+        seeds = long_games(batch, args.multi_turn_steps)
+        episodes = batch.reset(seeds, "train", gold=True)
         gold = [batch.gold_actions(i) for i in range(games)]
-        steps = min(args.multi_turn_steps, min(len(g) for g in gold))
+        steps = args.multi_turn_steps
         history = [text.encode_pieces(tokenizer, prompt_pieces(e)) for e in episodes]
         state = extend(model, DecodeState.empty(model.config, games, 4096), *pad_right(history))
         incremental, full, key = [], [], jax.random.key(0)
@@ -115,9 +117,23 @@ def multi_turn(model, args) -> dict:
             history = [h + n for h, n in zip(history, new)]
     # The first steps compile new buckets on both sides: compare the second half.
     half = steps // 2
-    return dict(games=games, steps=steps, final_prompt_tokens=int(np.mean([len(h) for h in history])),
+    return dict(games=games, seeds=seeds, steps=steps, final_prompt_tokens=int(np.mean([len(h) for h in history])),
                 incremental_s_per_step=float(np.mean(incremental[half:])),
                 full_s_per_step=float(np.mean(full[half:])))
+
+
+def long_games(batch, steps: int) -> list[int]:
+    """The first train seeds whose gold path has >= `steps` actions, one per game of `batch`."""
+    seeds, start = [], 0
+    while len(seeds) < batch.num_games:
+        if start >= 10_000:
+            raise ValueError(f"no {batch.num_games} train games with gold paths of {steps} steps "
+                             "(they have 10-26): lower --multi-turn-steps")
+        batch.reset(list(range(start, start + batch.num_games)), "train", gold=True)
+        seeds += [start + i for i in range(batch.num_games)
+                  if len(batch.gold_actions(i)) >= steps]
+        start += batch.num_games
+    return seeds[:batch.num_games]
 
 
 def run_torch(args) -> dict:
@@ -189,7 +205,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seeds", type=int, default=50, help="train seeds 0..N-1 for prompts")
     parser.add_argument("--multi-turn-games", type=int, default=8)
-    parser.add_argument("--multi-turn-steps", type=int, default=10)
+    parser.add_argument("--multi-turn-steps", type=int, default=20,
+                        help="gold steps replayed (games with gold paths this long are picked; "
+                             "the second half is timed, past the compiles of the first)")
     parser.add_argument("--engines", nargs="+", default=["ours:float32", "torch:float32",
                                                           "torch:bfloat16"])
     parser.add_argument("--group-rows", type=int, default=None,
