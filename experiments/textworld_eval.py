@@ -8,8 +8,8 @@ Policies: `random` (uniform valid action), `gold` (the expert path, cut by the s
 `zero-shot` (the base model with fresh, zero-effect adapters), `sft` (the SFT adapters of
 `--run-dir`, as written by `experiments.textworld_ppo`). Model policies act greedily, in each of
 `--modes`. Test seeds 0..games-1; results also go to `<run-dir>/eval_table.json`. Finished
-games are kept in `<run-dir>/eval/`, one record per policy and mode: rerun the same command after a kill
-and only the games not yet played are played.
+games are kept in `<run-dir>/eval/`, one record per policy and mode: rerun the same command
+after a kill and only the games not yet played are played.
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ def evaluate_policy(play_chunk: PlayChunk, num_games: int, num_envs: int, step_l
         raise ValueError(f"evaluation needs num_games ({num_games}) to be a positive multiple "
                          f"of the games in lockstep ({num_envs})")
     limit = max(step_limits)
-    header = dict(label=label.lower(), settings=settings or {}, num_envs=num_envs, step_limit=limit)
+    header = dict(label=label.lower(), settings=settings or {}, num_envs=num_envs,
+                  step_limit=limit)
     record = eval_record_path(record_dir, header) if record_dir else None
     chunks = read_eval_record(record, header) if record else {}
     starts = range(0, num_games, num_envs)
@@ -251,8 +252,7 @@ def evaluate_policy(play_chunk: PlayChunk, num_games: int, num_envs: int, step_l
 def eval_record_path(directory: str, header: dict) -> str:
     """`<directory>/<label>-<digest of header>.jsonl`: one record per policy and settings."""
     digest = hashlib.sha256(_canonical(header).encode()).hexdigest()[:10]
-    return os.path.join(directory, f"{re.sub(r'[^a-z0-9]+', '_', header['label'].lower())}-"
-                                   f"{digest}.jsonl")
+    return os.path.join(directory, f"{re.sub(r'[^a-z0-9]+', '_', header['label'])}-{digest}.jsonl")
 
 
 def _canonical(value) -> str:
@@ -286,7 +286,9 @@ def read_eval_record(path: str, header: dict) -> dict[int, tuple[list[Episode], 
 
 
 def _append_chunk(path: str, header: dict, start: int, episodes, transitions) -> None:
-    lines = [] if os.path.exists(path) else [{"header": header}]
+    # A kill before the first chunk's write leaves no file, or (cut by `read_eval_record`) an
+    # empty one: either way the header comes first.
+    lines = [] if os.path.exists(path) and os.path.getsize(path) else [{"header": header}]
     drop = {"prompt_ids", "action_ids"}
     lines.append(dict(start=start, episodes=[dataclasses.asdict(e) for e in episodes],
                       transitions=[{k: v for k, v in dataclasses.asdict(t).items()

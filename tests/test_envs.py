@@ -1,5 +1,7 @@
 """TextWorld games: step-limit semantics, termination vs truncation, lockstep, prompts, agent."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -281,3 +283,8 @@ def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     assert eval_record_path(directory, other) != record
     with pytest.raises(ValueError, match="records an evaluation with other settings"):
         read_eval_record(record, other)
+    # A kill during the very first write leaves a header cut short: the record starts over.
+    os.remove(record)
+    with open(record, "w") as f:
+        f.write('{"header": {"lab')
+    assert run() == unbroken and sorted(read_eval_record(record, header)) == [0, 2]
