@@ -315,8 +315,9 @@ def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, packed, se
     previous = jnp.concatenate([last_tail, cand_hidden[:, :-1]], axis=1)
     predicting = jnp.where((offset == 0)[..., None], last_tail, previous)
     logprobs = token_logprobs(model.logits(predicting), packed)
-    # Summed per candidate into P slots (there are at most P candidates), so that the number of
-    # candidates is not a static shape; padding (segment -1) is sent out of range and dropped.
+    # Summed per candidate into P slots (`score_continuations` numbers the non-empty ones, at
+    # most P), so that the number of candidates is not a static shape; padding (segment -1) is
+    # sent out of range and dropped.
     rows = jnp.arange(packed.shape[0])[:, None]
     scores = jnp.zeros(packed.shape, jnp.float32).at[
         rows, jnp.where(segment < 0, packed.shape[1], segment)].add(logprobs, mode="drop")
@@ -446,16 +447,22 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
         raise ValueError(f"candidates and candidate_mask must both be [B, C, L], got "
                          f"{candidates.shape} and {candidate_mask.shape}")
     check_tokens(np.where(candidate_mask, candidates, 0), model.config.vocab_size)
-    packed = pack_candidates(candidates, candidate_mask)
+    tokens, segment, offset = pack_candidates(candidates, candidate_mask)
+    # `_score_jit` sums into one of P slots per non-empty candidate (there are at most P);
+    # empty candidates may sit anywhere, so the others are numbered densely and mapped back.
+    nonempty = candidate_mask.any(-1)  # [B, C]
+    slot = np.maximum(np.cumsum(nonempty, axis=1) - 1, 0)
+    segment = np.where(segment >= 0, np.take_along_axis(slot, np.maximum(segment, 0), axis=1), -1)
     tail_tokens, tail_mask, n_real, (_, key_width) = _check_chunk(
-        model, state, tail_tokens, tail_mask, extra=packed[0].shape[1])
+        model, state, tail_tokens, tail_mask, extra=tokens.shape[1])
     if np.any(n_real == 0):
         raise ValueError("every row needs at least one tail token to condition on")
     graphdef, params = nnx.split(model)
-    (scores, hidden), state = _score_jit(
-        graphdef, params, state, tail_tokens, tail_mask, *place_like(state.lengths, *packed),
-        key_width)
-    return (scores[:, :candidates.shape[1]], hidden), state
+    (sums, hidden), state = _score_jit(
+        graphdef, params, state, tail_tokens, tail_mask,
+        *place_like(state.lengths, tokens, segment, offset), key_width)
+    scores = jnp.where(nonempty, jnp.take_along_axis(sums, jnp.asarray(slot), axis=1), 0.0)
+    return (scores, hidden), state
 
 
 def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,

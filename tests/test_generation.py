@@ -286,6 +286,13 @@ def test_score_continuations_equals_separate_forwards(model):
         many = np.ones((2, count, length), np.int32)
         _, state = score_continuations(model, state, *pad_right(tail), many, many.astype(bool))
     assert compile_count() == programs + 1
+    # Empty candidates anywhere, more of them than packed slots: the others keep their scores.
+    sparse, sparse_mask = np.zeros((2, 20, 5), np.int32), np.zeros((2, 20, 5), bool)
+    sparse[:, [3, 19]], sparse_mask[:, [3, 19]] = cand[:, :2], cand_mask[:, :2]
+    (spread, _), state = score_continuations(model, state, *pad_right(tail), sparse, sparse_mask)
+    assert spread.shape == (2, 20) and not np.asarray(spread)[:, [0, 1, 2, 4, 18]].any()
+    np.testing.assert_allclose(np.asarray(spread)[:, [3, 19]], np.asarray(scores)[:, :2],
+                               rtol=1e-5, atol=1e-6)
     gap = cand_mask.copy()
     gap[0, 0, :2] = [False, True]
     with pytest.raises(ValueError, match="candidates must be right-padded"):
