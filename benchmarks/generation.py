@@ -117,7 +117,8 @@ def multi_turn(model, args) -> dict:
             history = [h + n for h, n in zip(history, new)]
     # The first steps compile new buckets on both sides: compare the second half.
     half = steps // 2
-    return dict(games=games, seeds=seeds, steps=steps, final_prompt_tokens=int(np.mean([len(h) for h in history])),
+    return dict(games=games, seeds=seeds, steps=steps,
+                final_prompt_tokens=int(np.mean([len(h) for h in history])),
                 incremental_s_per_step=float(np.mean(incremental[half:])),
                 full_s_per_step=float(np.mean(full[half:])))
 

@@ -22,10 +22,10 @@ import os
 import jax
 import numpy as np
 
-from experiments.textworld_ppo import (Config, evaluate, load_policy, print_table, sft,
-                                       sft_checkpoint)
+from experiments.textworld_ppo import (Config, checkpointer, evaluate, load_policy, print_table,
+                                       sft)
 from jaxrl_llm.agent import BASELINES, evaluate_policy, play_baseline
-from jaxrl_llm.checkpoint import Checkpointer, fingerprint
+from jaxrl_llm.checkpoint import fingerprint
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 
 POLICIES = BASELINES + ("zero-shot", "sft")
@@ -77,13 +77,14 @@ def main(argv=None) -> dict:
                        if args.games % d == 0)
     config = dataclasses.replace(saved, eval_games=args.games, num_envs=num_envs,
                                  eval_step_limits=tuple(args.step_limits))
-    if "sft" in args.policies and (args.run_dir is None or Checkpointer(
-            os.path.join(args.run_dir, "checkpoints", "sft")).record() is None):
-        raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
-                         "experiments.textworld_ppo first)")
     out_dir = args.run_dir or "runs/textworld_eval"
     # Finished games are kept per policy and mode: a rerun after a kill plays only the rest.
     config = dataclasses.replace(config, run_dir=out_dir)
+    sft_record = (checkpointer(config, "sft").record()
+                  if "sft" in args.policies and args.run_dir else None)
+    if "sft" in args.policies and sft_record is None:
+        raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
+                         "experiments.textworld_ppo first)")
     results, mesh, model = {}, make_mesh(MeshConfig(*config.mesh)), None
     for policy in args.policies:
         if policy in BASELINES:
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
         policy_model, identity = model, dict(fingerprint=fingerprint(model))
         if policy == "sft":
             policy_model, _ = sft(model, tokenizer, config, lambda record: None, mesh)
-            identity = sft_checkpoint(config).record()
+            identity = sft_record
         for mode in args.modes:
             results[f"{policy} ({mode})"] = evaluate(
                 policy_model, tokenizer, dataclasses.replace(config, agent_mode=mode),

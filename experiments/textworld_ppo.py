@@ -161,7 +161,7 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     trainer = Trainer(model, optimizer,
                       functools.partial(completion_loss, remat=sft_config.remat), mesh=mesh)
     state = trainer.init()
-    checkpoints = sft_checkpoint(config)
+    checkpoints = checkpointer(config, "sft")
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
     if restored:  # a resumed run: the warm start (and KL anchor) is the saved one
         print(f"loaded the SFT adapters from {checkpoints.directory}")
@@ -184,8 +184,9 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     return trainer.model(state), seconds
 
 
-def sft_checkpoint(config: Config) -> Checkpointer:
-    return Checkpointer(os.path.join(config.run_dir, "checkpoints", "sft"))
+def checkpointer(config: Config, stage: str = "") -> Checkpointer:
+    """The run's checkpoints: PPO's in `checkpoints/`, SFT's (`stage="sft"`) below it."""
+    return Checkpointer(os.path.join(config.run_dir, "checkpoints", stage))
 
 
 def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
@@ -200,7 +201,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
         functools.partial(ppo_loss, config=ppo_config, remat=config.remat), mesh=mesh)
     state = trainer.init()
     reference = trainer.model(trainer.init())  # the frozen warm start: KL anchor
-    checkpoints = Checkpointer(os.path.join(config.run_dir, "checkpoints"))
+    checkpoints = checkpointer(config)
     fp = fingerprint(actor_critic)
     restored = checkpoints.restore(state, key, fp)
     if restored:
@@ -284,13 +285,12 @@ def main(config: Config) -> dict:
                                         policy=dict(fingerprint=fingerprint(model)))
     model, sft_seconds = sft(model, tokenizer, config, log, mesh)
     results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh,
-                              policy=sft_checkpoint(config).record())
+                              policy=checkpointer(config, "sft").record())
     results["sft_wall_time_s"] = sft_seconds
     start = time.time()
     model = ppo(model, tokenizer, config, key, log, mesh)
     results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh,
-                              policy=Checkpointer(os.path.join(config.run_dir, "checkpoints"))
-                              .record())
+                              policy=checkpointer(config).record())
     results["ppo_wall_time_s"] = time.time() - start
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

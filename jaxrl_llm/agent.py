@@ -233,6 +233,8 @@ def evaluate_policy(play_chunk: PlayChunk, num_games: int, num_envs: int, step_l
     header = dict(label=label.lower(), settings=settings or {}, num_envs=num_envs,
                   step_limit=limit)
     record = eval_record_path(record_dir, header) if record_dir else None
+    if record:  # a directory that cannot be made fails here, before any game is played
+        os.makedirs(record_dir, exist_ok=True)
     chunks = read_eval_record(record, header) if record else {}
     starts = range(0, num_games, num_envs)
     todo = [start for start in starts if start not in chunks]
@@ -275,7 +277,11 @@ def read_eval_record(path: str, header: dict) -> dict[int, tuple[list[Episode], 
     if len(good) < len(data):
         with open(path, "r+b") as f:
             f.truncate(len(good))
-    lines = [json.loads(line) for line in good.splitlines()]
+    try:
+        lines = [json.loads(line) for line in good.splitlines()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not an evaluation record ({error}): delete it to start "
+                         "over") from error
     if lines and _canonical(lines[0]) != _canonical({"header": header}):
         raise ValueError(f"{path} records an evaluation with other settings than its name says: "
                          "delete it to start over")
@@ -293,7 +299,6 @@ def _append_chunk(path: str, header: dict, start: int, episodes, transitions) ->
     lines.append(dict(start=start, episodes=[dataclasses.asdict(e) for e in episodes],
                       transitions=[{k: v for k, v in dataclasses.asdict(t).items()
                                     if k not in drop} for t in transitions]))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
         f.write("".join(json.dumps(line) + "\n" for line in lines))
         f.flush()

@@ -288,3 +288,12 @@ def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     with open(record, "w") as f:
         f.write('{"header": {"lab')
     assert run() == unbroken and sorted(read_eval_record(record, header)) == [0, 2]
+    with open(record, "a") as f:
+        f.write("not json\n")
+    with pytest.raises(ValueError, match="is not an evaluation record"):
+        run()
+    # A record directory that cannot be made fails before a game is played.
+    played.clear()
+    with pytest.raises(OSError):
+        evaluate_policy(play_chunk, 4, 2, (6, 8), record_dir=os.path.join(record, "sub"))
+    assert played == []
