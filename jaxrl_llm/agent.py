@@ -105,6 +105,7 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             # A finished game keeps its row with one token: its history is never read again.
             history = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
                        if not e.done else [tokenizer.eos_token_id] for e in episodes]
+            state = None  # the old cache is freed before the new one is made, not after
             empty = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
             state = extend(model, empty, *pad_right(history, pad_id=tokenizer.eos_token_id),
                            group_rows=group_rows)
