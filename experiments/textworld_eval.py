@@ -80,11 +80,11 @@ def main(argv=None) -> dict:
     out_dir = args.run_dir or "runs/textworld_eval"
     # Finished games are kept per policy and mode: a rerun after a kill plays only the rest.
     config = dataclasses.replace(config, run_dir=out_dir)
-    sft_record = (checkpointer(config, "sft").record()
-                  if "sft" in args.policies and args.run_dir else None)
-    if "sft" in args.policies and sft_record is None:
-        raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
-                         "experiments.textworld_ppo first)")
+    if "sft" in args.policies:
+        sft_record = checkpointer(config, "sft").record() if args.run_dir else None
+        if sft_record is None:
+            raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
+                             "experiments.textworld_ppo first)")
     results, mesh, model = {}, make_mesh(MeshConfig(*config.mesh)), None
     for policy in args.policies:
         if policy in BASELINES:
