@@ -25,7 +25,7 @@ import numpy as np
 from experiments.textworld_ppo import (Config, checkpointer, evaluate, load_policy, print_table,
                                        sft)
 from jaxrl_llm.agent import BASELINES, evaluate_policy, play_baseline
-from jaxrl_llm.checkpoint import fingerprint
+from jaxrl_llm.checkpoint import policy_identity
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 
 POLICIES = BASELINES + ("zero-shot", "sft")
@@ -81,8 +81,7 @@ def main(argv=None) -> dict:
     # Finished games are kept per policy and mode: a rerun after a kill plays only the rest.
     config = dataclasses.replace(config, run_dir=out_dir)
     if "sft" in args.policies:
-        sft_record = checkpointer(config, "sft").record() if args.run_dir else None
-        if sft_record is None:
+        if not args.run_dir or checkpointer(config, "sft").record() is None:
             raise ValueError("--policies sft needs --run-dir with SFT checkpoints (run python -m "
                              "experiments.textworld_ppo first)")
     results, mesh, model = {}, make_mesh(MeshConfig(*config.mesh)), None
@@ -93,14 +92,13 @@ def main(argv=None) -> dict:
         if model is None:
             model, tokenizer = load_policy(config)
             shard_model(model, mesh)
-        policy_model, identity = model, dict(fingerprint=fingerprint(model))
+        policy_model = model
         if policy == "sft":
             policy_model, _ = sft(model, tokenizer, config, lambda record: None, mesh)
-            identity = sft_record
         for mode in args.modes:
             results[f"{policy} ({mode})"] = evaluate(
                 policy_model, tokenizer, dataclasses.replace(config, agent_mode=mode),
-                jax.random.key(config.seed), policy, mesh, policy=identity)
+                jax.random.key(config.seed), policy, mesh, policy=policy_identity(policy_model))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval_table.json"), "w") as f:
         json.dump(results, f, indent=2)

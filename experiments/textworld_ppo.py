@@ -30,7 +30,7 @@ from experiments.common import load_base, parse_preset_config
 
 from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, evaluate_policy, play
-from jaxrl_llm.checkpoint import Checkpointer, fingerprint
+from jaxrl_llm.checkpoint import Checkpointer, fingerprint, policy_identity
 from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import expert_dataset
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
@@ -131,7 +131,7 @@ def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
              policy: dict | None = None) -> dict:
     """Greedy play on test seeds 0..M-1, summarized at every configured step limit.
 
-    With `policy` (what identifies the weights, e.g. the checkpoint's record), finished games
+    With `policy` (what identifies the weights: `checkpoint.policy_identity`), finished games
     are kept in `<run_dir>/eval/` (`agent.eval_record_path`) and a rerun plays only the rest.
     """
     agent = AgentConfig(mode=config.agent_mode, max_history=config.max_history,
@@ -282,15 +282,15 @@ def main(config: Config) -> dict:
     results = {}
     if config.zero_shot_eval:
         results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot", mesh,
-                                        policy=dict(fingerprint=fingerprint(model)))
+                                        policy=policy_identity(model))
     model, sft_seconds = sft(model, tokenizer, config, log, mesh)
     results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh,
-                              policy=checkpointer(config, "sft").record())
+                              policy=policy_identity(model))
     results["sft_wall_time_s"] = sft_seconds
     start = time.time()
     model = ppo(model, tokenizer, config, key, log, mesh)
     results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh,
-                              policy=checkpointer(config).record())
+                              policy=policy_identity(model))
     results["ppo_wall_time_s"] = time.time() - start
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

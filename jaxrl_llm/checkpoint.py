@@ -8,6 +8,7 @@ restoring adapters onto another model a clear error instead of silent garbage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -24,6 +25,22 @@ def fingerprint(model: nnx.Module) -> str:
     config = getattr(model, "config", None)
     shapes = jax.tree.map(lambda x: list(x.shape), nnx.state(model, nnx.LoRAParam).to_pure_dict())
     return json.dumps({"config": repr(config), "lora": shapes}, sort_keys=True)
+
+
+def policy_identity(model: nnx.Module) -> dict:
+    """What a policy is: its fingerprint and a sha256 of its adapter values.
+
+    Evaluation records are named by it, so a record follows the weights themselves: a
+    checkpoint retrained to the same values (same data, seed and program) resumes the record,
+    and any other weights start a record of their own.
+    """
+    adapters = nnx.state(model, nnx.LoRAParam).to_pure_dict()
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return dict(fingerprint=fingerprint(model), adapters=digest.hexdigest())
 
 
 def _to_tree(state: TrainState, key: jax.Array) -> dict:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm.checkpoint import Checkpointer, fingerprint
+from jaxrl_llm.checkpoint import Checkpointer, fingerprint, policy_identity
 from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
@@ -57,3 +57,18 @@ def test_empty_and_foreign_checkpoints(tmp_path):
     other_trainer, other = make_trainer(rank=8)
     with pytest.raises(ValueError, match="belongs to another model"):
         checkpointer.restore(other_trainer.init(), jax.random.key(0), fingerprint(other))
+
+
+def test_policy_identity_follows_the_adapter_values():
+    _, model = make_trainer()
+    _, same = make_trainer()
+    assert policy_identity(model) == policy_identity(same)
+    state = nnx.state(same, nnx.LoRAParam)
+    values = state.to_pure_dict()
+    first = jax.tree_util.tree_flatten_with_path(values)[0][0][0]
+    nudged = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[(0,) * x.ndim].add(1e-6) if path == first else x, values)
+    nnx.replace_by_pure_dict(state, nudged)
+    nnx.update(same, state)
+    assert policy_identity(same)["fingerprint"] == policy_identity(model)["fingerprint"]
+    assert policy_identity(same)["adapters"] != policy_identity(model)["adapters"]
