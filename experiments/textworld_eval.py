@@ -95,10 +95,11 @@ def main(argv=None) -> dict:
         policy_model = model
         if policy == "sft":
             policy_model, _ = sft(model, tokenizer, config, lambda record: None, mesh)
+        identity = policy_identity(policy_model)
         for mode in args.modes:
             results[f"{policy} ({mode})"] = evaluate(
                 policy_model, tokenizer, dataclasses.replace(config, agent_mode=mode),
-                jax.random.key(config.seed), policy, mesh, policy=policy_identity(policy_model))
+                jax.random.key(config.seed), policy, mesh, policy=identity)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval_table.json"), "w") as f:
         json.dump(results, f, indent=2)
