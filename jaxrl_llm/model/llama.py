@@ -131,12 +131,46 @@ def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(write)(cache, new.astype(cache.dtype), start)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> jax.Array:
+@flax.struct.dataclass
+class BranchMask:
+    """Attention of a packed sequence, built block by block from per-token ids (no `[T, T]` array).
+
+    A packed row (`jaxrl_llm.packing`) is a trunk (the history, causal) with branches hung on
+    it: token i sees key j <= i iff j is trunk, or j lies in i's branch and is either in the
+    branch's shared part (leaf -1) or in i's own leaf. So a branch sees the history before it,
+    the trunk after it never sees the branch, and the leaves of a branch (e.g. candidate
+    actions after one question) never see each other.
+
+    Attributes:
+      branch: `[B, T]` int32, -1 on trunk tokens, else the branch id.
+      leaf: `[B, T]` int32, -1 on a branch's shared part (and the trunk), else the leaf id.
+    """
+
+    branch: jax.Array
+    leaf: jax.Array
+
+    def block(self, start: int, end: int, keys: int) -> jax.Array:
+        """`[B, end - start, keys]` bool mask of queries start..end-1 over keys 0..keys-1."""
+        q_branch, q_leaf = self.branch[:, start:end, None], self.leaf[:, start:end, None]
+        k_branch, k_leaf = self.branch[:, None, :keys], self.leaf[:, None, :keys]
+        causal = (jnp.arange(start, end)[:, None] >= jnp.arange(keys)[None, :])[None]
+        same = (k_branch == q_branch) & ((k_leaf < 0) | (k_leaf == q_leaf))
+        return causal & ((k_branch < 0) | same)
+
+
+def _mask_block(attn_mask, start: int, end: int, keys: int) -> jax.Array:
+    if isinstance(attn_mask, BranchMask):
+        return attn_mask.block(start, end, keys)
+    return attn_mask[:, start:end, :keys]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask) -> jax.Array:
     """Causal grouped-query softmax attention, long query blocks in chunks.
 
     Args:
       q: `[B, T, H, Dh]` queries; k, v: `[B, KVH, S, Dh]` (the cache layout), KVH divides H.
-      attn_mask: `[B, T, S]` bool, True where query t may attend to key s. Causal contract:
+      attn_mask: `[B, T, S]` bool, True where query t may attend to key s, or a `BranchMask`
+        (no cache: S = T) whose blocks are built as they are needed. Causal contract:
         query t never sees a key beyond slot `S - T + t` (the T queries are the newest tokens;
         true without a cache, and with one whose read width covers every row's history + T).
     Returns:
@@ -144,7 +178,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) ->
     """
     t, s = q.shape[1], k.shape[2]
     if t <= _QUERY_CHUNK:
-        return _attention(q, k, v, attn_mask)
+        return _attention(q, k, v, _mask_block(attn_mask, 0, t, s))
     # Query block i reads only the keys its queries can see: a long causal prefill skips most of
     # the masked upper triangle (~3/8 of the score work at T = S = 4 blocks), in smaller blocks.
     blocks = []
@@ -152,7 +186,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) ->
         end = min(start + _QUERY_CHUNK, t)
         keys = s - t + end
         blocks.append(_attention(q[:, start:end], k[:, :, :keys], v[:, :, :keys],
-                                 attn_mask[:, start:end, :keys]))
+                                 _mask_block(attn_mask, start, end, keys)))
     return jnp.concatenate(blocks, axis=1)
 
 
@@ -193,7 +227,9 @@ class Attention(nnx.Module):
         k, v = k.transpose(0, 2, 1, 3), self.v_proj(x).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
         if kv is not None:
             k, v = _write_rows(kv[0], k, positions[:, 0]), _write_rows(kv[1], v, positions[:, 0])
-        width = attn_mask.shape[-1]  # callers may restrict attention to the filled cache prefix
+        # Callers may restrict attention to the filled cache prefix.
+        width = (attn_mask.branch.shape[1] if isinstance(attn_mask, BranchMask)
+                 else attn_mask.shape[-1])
         out = attention(q, k[:, :, :width], v[:, :, :width], attn_mask)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), (k, v)
 
@@ -267,8 +303,8 @@ class Transformer(nnx.Module):
         Args:
           tokens: `[B, T]` int token ids.
           positions: `[B, T]` int RoPE positions of the tokens.
-          attn_mask: `[B, T, S]` bool, True where token t may attend to key s; S = T without a
-            cache; with one, S <= cache.max_len and only the first S slots are read (so a
+          attn_mask: `[B, T, S]` bool, True where token t may attend to key s, or a `BranchMask`
+            (packed sequences, no cache); S = T without a cache; with one, S <= cache.max_len and only the first S slots are read (so a
             prefill into an emptier cache need not touch its empty tail).
           cache: optional `KVCache`; row b's new keys/values are written at slots
             `[positions[b, 0], positions[b, 0] + T)` (positions of a chunk must be contiguous,
