@@ -5,12 +5,14 @@
     python -m experiments.textworld_ppo --help
 
 Stages (paper order): load the int8 base + LoRA adapters; (optionally) evaluate the zero-shot
-policy; SFT on gold-path (prompt -> action) pairs of train games; evaluate the warm start; PPO
-iterations (collect in lockstep with sampling, KL to the frozen warm start, GAE, minibatch epochs
-from stored log-probs); evaluate on test games (both step limits).
-Outputs go to `--run-dir`: config.json, metrics.jsonl (one line per SFT step and per PPO
-iteration), curves.png, eval.json, checkpoints/{latest,best}. Re-running with the same --run-dir
-resumes PPO from `latest` (at most the iteration in progress is lost).
+policy; SFT on the gold paths of train games, each game one packed sequence (per-step prompts
+with a sliding history), with the gold-action accuracy on dev games after each epoch; evaluate
+the warm start; PPO iterations with the action-level policy (collect in lockstep by sampling
+from pi(a | s) over the valid actions, KL to the frozen warm start, GAE, minibatch epochs over
+packed games from stored log-probs); evaluate on test games (every step limit).
+Outputs go to `--run-dir`: config.json, metrics.jsonl (one line per SFT step, dev evaluation
+and PPO iteration), curves.png, eval.json, checkpoints/{latest,best}. Re-running with the same
+--run-dir resumes PPO from `latest` (at most the iteration in progress is lost).
 """
 
 from __future__ import annotations
@@ -28,18 +30,19 @@ from tqdm.auto import tqdm
 
 from experiments.common import load_base, parse_preset_config
 
-from jaxrl_llm import text
-from jaxrl_llm.agent import AgentConfig, evaluate_policy, play
+from jaxrl_llm.agent import MODES, AgentConfig, evaluate_policy, play
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint, policy_identity
 from jaxrl_llm.checks import require_at_least_one
-from jaxrl_llm.data import expert_dataset
-from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
+from jaxrl_llm.data import encode_episode, expert_episodes
+from jaxrl_llm.envs.textworld import PROMPT_STYLES, GameConfig, TextWorldBatch
 from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
+from jaxrl_llm.packing import check_episodes, packed_forward
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
-from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
+from jaxrl_llm.train.sft import (SFTConfig, episode_batches, gold_action_accuracy,
+                                 packed_completion_loss)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu", "gpu")
@@ -56,27 +59,30 @@ class Config:
     quantize: str = "int8"
     lora_rank: int = 8
     lora_alpha: float = 32.0
-    # A 2-core CPU prefills a few hundred tokens/s and trains LoRA at ~100 tokens/s with
-    # SmolLM2-135M, so the cpu preset is a check of the whole pipeline on the real model within
-    # about an hour (short prompts, few games, one step limit); the gpu preset is the experiment.
-    max_history: int | None = 2  # steps of history in the prompt (None: all, incremental)
-    train_games: int = 6  # gold paths of train seeds 0..N-1 for SFT
-    eval_games: int = 4  # test seeds 0..M-1
-    eval_step_limits: tuple[int, ...] = (16,)
-    zero_shot_eval: bool = False  # zero-shot SmolLM2 solves 0% (FACTS.md): skip it on CPU
-    agent_mode: str = "score"
-    sft_epochs: int = 1
-    sft_batch_size: int = 8
-    sft_micro_batch_size: int = 2
-    sft_learning_rate: float = 2e-4
-    # Recompute activations in the backward pass (SFT and PPO): a 1,040-token gradient of
-    # SmolLM2-135M then needs 0.6 GB of temporaries instead of 3.5 GB, for ~7% more time
-    # (benchmarks/train_step.py). Off in the cpu preset, whose short prompts fit either way.
-    remat: bool = False
+    max_history: int | None = None  # steps of history in the prompt (None: all, packed)
+    prompt_style: str = "compact"  # "notebook": the tail lists the valid actions
+    train_games: int = 24  # gold paths of train seeds 0..N-1 for SFT
+    dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
+    eval_games: int = 32  # test seeds 0..M-1
+    eval_step_limits: tuple[int, ...] = (16, 32)
+    zero_shot_eval: bool = False  # zero-shot SmolLM2 solves 0% (README): skip it on CPU
+    agent_mode: str = "score"  # how the evaluated policy acts
+    collect_mode: str = "score"  # how PPO collects (and so which policy it trains)
+    temperature: float = 1.0  # of the action softmax (score mode) or the sampler (generate)
+    length_norm: bool = False  # score mode: per-token mean action log-probs
+    sft_epochs: int = 2
+    sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
+    sft_micro_batch_size: int = 1
+    sft_learning_rate: float = 3e-4
+    # Recompute activations in the backward pass (SFT and PPO), for a few percent more time
+    # (benchmarks/train_step.py): a packed game with every candidate is ~5k tokens, whose
+    # attention activations alone would not fit in 24 GB.
+    remat: bool = True
     ppo_iterations: int = 2
-    ppo_step_limit: int = 16  # step limit of the training games
+    ppo_step_limit: int = 32  # step limit of the training games
     ppo_epochs: int = 1
-    ppo_learning_rate: float = 1.41e-5
+    ppo_minibatch_size: int = 2  # packed games per PPO update
+    ppo_learning_rate: float = 1e-5
     eval_every: int = 0  # PPO iterations between held-out evals for `best` (0: only at the end)
     kl_coef: float = 0.2
     kl_in: str = "reward"
@@ -89,6 +95,14 @@ class Config:
     def __post_init__(self):
         require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",
                                     "sft_epochs", "ppo_step_limit", "env_workers"), cli=True)
+        for flag, value, allowed in (("--prompt-style", self.prompt_style, PROMPT_STYLES),
+                                     ("--agent-mode", self.agent_mode, MODES),
+                                     ("--collect-mode", self.collect_mode, MODES)):
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.dev_games < 0 or self.ppo_iterations < 0:
+            raise ValueError(f"--dev-games and --ppo-iterations must be >= 0, got "
+                             f"{self.dev_games} and {self.ppo_iterations}")
         if not self.eval_step_limits or min(self.eval_step_limits) < 1:
             raise ValueError(f"--eval-step-limits must be one or more limits >= 1, got "
                              f"{self.eval_step_limits}")
@@ -98,18 +112,40 @@ class Config:
         if self.eval_games % self.num_envs and self.eval_games > self.num_envs:
             raise ValueError(f"--eval-games ({self.eval_games}) must be a multiple of "
                              f"--num-envs ({self.num_envs})")
+        self.agent("eval"), self.sft_config(), self.ppo_config()  # validate the sub-configs
+
+    def agent(self, use: str) -> AgentConfig:
+        """How the policy acts: "eval" (greedy, `agent_mode`) or "collect" (sampled)."""
+        return AgentConfig(mode=self.agent_mode if use == "eval" else self.collect_mode,
+                           greedy=use == "eval", temperature=self.temperature,
+                           length_norm=self.length_norm, prompt_style=self.prompt_style,
+                           max_history=self.max_history, max_action_tokens=12)
+
+    def sft_config(self) -> SFTConfig:
+        return SFTConfig(epochs=self.sft_epochs, batch_size=self.sft_batch_size,
+                         micro_batch_size=self.sft_micro_batch_size, seed=self.seed,
+                         remat=self.remat)
+
+    def ppo_config(self) -> PPOConfig:
+        return PPOConfig(learning_rate=self.ppo_learning_rate, epochs=self.ppo_epochs,
+                         kl_coef=self.kl_coef, kl_in=self.kl_in,
+                         minibatch_size=self.ppo_minibatch_size,
+                         micro_batch_size=self.sft_micro_batch_size,
+                         policy="action" if self.collect_mode == "score" else "sequence",
+                         temperature=self.temperature, length_norm=self.length_norm)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Config":
         presets = {
-            "smoke": dict(model_path="tiny", quantize="int8", train_games=2, eval_games=2,
-                          num_envs=2, eval_step_limits=(4,), sft_batch_size=4, ppo_step_limit=4,
-                          sft_micro_batch_size=2, zero_shot_eval=True, run_dir="runs/smoke"),
+            # Byte-level ids make a whole game ~5k tokens: the tiny model keeps 2 steps.
+            "smoke": dict(model_path="tiny", quantize="int8", max_history=2, train_games=2,
+                          dev_games=1, eval_games=2, num_envs=2, eval_step_limits=(4,),
+                          sft_batch_size=4, ppo_step_limit=4, zero_shot_eval=True,
+                          run_dir="runs/smoke"),
             "cpu": {},
-            "gpu": dict(max_history=None, train_games=400, eval_games=128, num_envs=32,
-                        eval_step_limits=(16, 32),
-                        sft_epochs=2, sft_batch_size=32, sft_micro_batch_size=8, remat=True,
-                        ppo_iterations=50, ppo_epochs=2, env_workers=16,
+            "gpu": dict(train_games=400, dev_games=32, eval_games=128, num_envs=32,
+                        sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4, remat=True,
+                        ppo_iterations=50, ppo_epochs=2, ppo_minibatch_size=8, env_workers=16,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
         }
         if name not in presets:
@@ -134,8 +170,7 @@ def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
     With `policy` (what identifies the weights: `checkpoint.policy_identity`), finished games
     are kept in `<run_dir>/eval/` (`agent.eval_record_path`) and a rerun plays only the rest.
     """
-    agent = AgentConfig(mode=config.agent_mode, max_history=config.max_history,
-                        max_action_tokens=12)
+    agent = config.agent("eval")
     play_chunk = lambda games, seeds, on_step: play(model, tokenizer, games, seeds, "test", key,
                                                     agent, on_step=on_step, mesh=mesh)
     settings = policy and dict(policy=policy, agent=dataclasses.asdict(agent), seed=config.seed,
@@ -146,20 +181,47 @@ def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
                            record_dir=os.path.join(config.run_dir, "eval") if policy else None)
 
 
+def packed_scorer(model):
+    """A jitted `packing.packed_forward` of `model`'s current weights (no gradient)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, batch: packed_forward(nnx.merge(graphdef, state), batch))
+    return lambda batch: forward(state, batch)
+
+
+def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidates: bool):
+    """Gold paths of seeds 0..N-1 of `fold` as packed episodes, and each step's gold index."""
+    rows = expert_episodes(GameConfig(), range(num_games), fold,
+                           cache_dir=os.path.join(config.run_dir, "data"))
+    encoded = [encode_episode(tokenizer, row, config.prompt_style, config.max_history,
+                              candidates) for row in rows]
+    episodes = [e for packed, _ in encoded for e in packed]
+    # A sliding history makes one episode per step, each with its one gold index.
+    gold = [[g] for _, steps in encoded for g in steps] if config.max_history is not None \
+        else [steps for _, steps in encoded]
+    return episodes, gold
+
+
+def dev_accuracy(model, tokenizer, config: Config, dev) -> dict:
+    """The early signal: how often the action-level policy's argmax is the gold action."""
+    return gold_action_accuracy(packed_scorer(model), *dev, config.temperature,
+                                config.length_norm, pad_id=tokenizer.eos_token_id)
+
+
 def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]:
-    """LoRA SFT on gold-path transitions of train seeds 0..N-1; returns the tuned model."""
-    data = expert_dataset(GameConfig(), range(config.train_games), "train", tokenizer,
-                          config.max_history, cache_dir=os.path.join(config.run_dir, "data"))
-    longest_action = max(len(ids) for ids in data["action_ids"])
-    sft_config = SFTConfig(epochs=config.sft_epochs, batch_size=config.sft_batch_size,
-                           micro_batch_size=config.sft_micro_batch_size, seed=config.seed,
-                           completion_len=-(-longest_action // 8) * 8, remat=config.remat)
-    steps_per_epoch = -(-len(data) // config.sft_batch_size)
+    """LoRA SFT on the gold paths of train seeds 0..N-1; returns the tuned model."""
+    episodes, _ = gold_episodes(tokenizer, config, "train", config.train_games, False)
+    dev = (gold_episodes(tokenizer, config, "dev", config.dev_games, True)
+           if config.dev_games else None)
+    check_episodes(episodes + (dev[0] if dev else []), model.config.max_seq_len,
+                   model.config.vocab_size)
+    sft_config = config.sft_config()
+    steps_per_epoch = -(-len(episodes) // config.sft_batch_size)
     optimizer = make_optimizer(OptimConfig(
         learning_rate=config.sft_learning_rate, warmup_steps=max(1, steps_per_epoch // 10),
         total_steps=steps_per_epoch * config.sft_epochs + 1))
     trainer = Trainer(model, optimizer,
-                      functools.partial(completion_loss, remat=sft_config.remat), mesh=mesh)
+                      functools.partial(packed_completion_loss, remat=sft_config.remat),
+                      mesh=mesh)
     state = trainer.init()
     checkpoints = checkpointer(config, "sft")
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
@@ -167,15 +229,23 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
         print(f"loaded the SFT adapters from {checkpoints.directory}")
         return trainer.model(restored[0]), checkpoints.record()["seconds"]
     start = time.time()
+    tokens = sum(e.num_tokens for e in episodes)
+    print(f"SFT on {len(episodes)} sequences ({tokens} tokens, "
+          f"{sum(len(e.targets) for e in episodes)} action tokens)", flush=True)
     bar = tqdm(total=steps_per_epoch * config.sft_epochs, desc="SFT", unit="step")
     for epoch in range(config.sft_epochs):
-        for batch in batches(data["prompt_ids"], data["action_ids"], sft_config, epoch,
-                             pad_id=tokenizer.eos_token_id):
+        for batch in episode_batches(episodes, sft_config, epoch, pad_id=tokenizer.eos_token_id):
             state, metrics = trainer.step(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
             log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
+                     wall_time=time.time() - start))
+        if dev:
+            accuracy = dev_accuracy(trainer.model(state), tokenizer, config, dev)
+            bar.write(f"epoch {epoch + 1}: dev gold-action accuracy "
+                      f"{accuracy['action_accuracy']:.3f} over {accuracy['steps']} steps")
+            log(dict(stage="sft_dev", epoch=epoch, step=int(state.step), **accuracy,
                      wall_time=time.time() - start))
     bar.close()
     seconds = time.time() - start
@@ -191,34 +261,32 @@ def checkpointer(config: Config, stage: str = "") -> Checkpointer:
 
 def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     """PPO iterations from the SFT policy; checkpoints `latest` each iteration (resumable)."""
-    ppo_config = PPOConfig(learning_rate=config.ppo_learning_rate, epochs=config.ppo_epochs,
-                           kl_coef=config.kl_coef, kl_in=config.kl_in,
-                           minibatch_size=config.sft_batch_size,
-                           micro_batch_size=config.sft_micro_batch_size)
+    ppo_config = config.ppo_config()
     actor_critic = ActorCritic(model)
     trainer = Trainer(actor_critic, make_optimizer(OptimConfig(
         learning_rate=ppo_config.learning_rate, weight_decay=0.0)),
         functools.partial(ppo_loss, config=ppo_config, remat=config.remat), mesh=mesh)
     state = trainer.init()
-    reference = trainer.model(trainer.init())  # the frozen warm start: KL anchor
+    reference = packed_scorer(trainer.model(trainer.init()).lm)  # frozen warm start: KL anchor
     checkpoints = checkpointer(config)
     fp = fingerprint(actor_critic)
     restored = checkpoints.restore(state, key, fp)
     if restored:
         state, key, record = restored
         print(f"resumed PPO from iteration {record['iteration']} ({checkpoints.directory})")
-    agent = AgentConfig(mode="generate", greedy=False, temperature=1.0,
-                        max_history=config.max_history, max_action_tokens=12)
-    rng = np.random.default_rng(config.seed)
+    agent = config.agent("collect")
+    pad_id = tokenizer.eos_token_id
     bar = tqdm(total=config.ppo_iterations, initial=_iteration(checkpoints), desc="PPO",
                unit="iter")
     with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs,
                         workers=config.env_workers) as games:
         for iteration in range(_iteration(checkpoints), config.ppo_iterations):
             start = time.time()
-            key, play_key = jax.random.split(key)
+            # Game seeds, sampling and shuffles all come from the checkpointed key.
+            key, seed_key, play_key, shuffle_key = jax.random.split(key, 4)
             policy = trainer.model(state)
-            seeds = rng.integers(0, 100_000, config.num_envs).tolist()
+            seeds = np.asarray(jax.random.randint(seed_key, (config.num_envs,), 0,
+                                                  100_000)).tolist()
             steps = tqdm(total=config.num_envs * config.ppo_step_limit, unit="step", leave=False,
                          desc=f"collect {iteration + 1}")
             episodes, transitions = play(policy.lm, tokenizer, games, seeds, "train", play_key,
@@ -226,16 +294,13 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
                                          on_step=lambda e: steps.update(config.num_envs))
             steps.close()
             collect_seconds = time.time() - start
-            finals = {g: text.encode_prompt(tokenizer, prompt_pieces(e, config.max_history),
-                                            step_tail(e.valid_actions))
-                      for g, e in enumerate(episodes) if e.truncated}
-            arrays, stats = prepare_rollout(transitions, finals, policy, reference, ppo_config,
-                                            pad_id=tokenizer.eos_token_id, action_len=16)
+            rollout, stats = prepare_rollout(transitions, config.max_history is None, reference,
+                                             ppo_config, pad_id=pad_id)
             updates = []
-            for epoch in range(ppo_config.epochs):
-                for batch in tqdm(minibatches(arrays, ppo_config, rng), leave=False,
-                                  total=-(-len(arrays["prompt"]) // ppo_config.minibatch_size),
-                                  desc=f"update {iteration + 1} epoch {epoch + 1}",
+            for epoch, epoch_key in enumerate(jax.random.split(shuffle_key, ppo_config.epochs)):
+                for batch in tqdm(minibatches(rollout, ppo_config, epoch_key, pad_id),
+                                  leave=False, desc=f"update {iteration + 1} epoch {epoch + 1}",
+                                  total=-(-len(rollout.episodes) // ppo_config.minibatch_size),
                                   unit="minibatch"):
                     state, metrics = trainer.step(state, batch)
                     updates.append({k: float(v) for k, v in metrics.items()})

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from jaxrl_llm import text
 from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, OBSERVATION_BLOCK, Episode, GameConfig,
-                                      TextWorldBatch, prompt_pieces, step_tail)
+                                      TextWorldBatch, check_style, prompt_pieces, step_tail)
 from jaxrl_llm.generation import (GROUP_ROWS, DecodeState, SamplingConfig, extend, generate_from,
                                   pad_right, score_continuations)
+from jaxrl_llm.scoring import action_logprobs
 
 MODES = ("generate", "score")
 
@@ -34,10 +35,13 @@ MODES = ("generate", "score")
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """Attributes:
-      mode: "generate" (free text, as notebook 000) or "score" (pick among valid actions by the
-        summed log-prob of " action" + EOS: always valid).
+      mode: "generate" (free text, as notebook 000) or "score" (the action-level policy
+        `scoring.action_logprobs` over the valid actions: always valid).
       greedy: argmax action (evaluation) or sample (collection), in both modes.
-      temperature: sampling temperature (generate mode and the score-mode softmax).
+      temperature: sampling temperature (generate mode) and the action softmax's (score mode).
+      length_norm: score mode: per-token mean instead of summed action log-probs.
+      prompt_style: "notebook" (the per-step tail lists the valid actions) or "compact" (it
+        does not: a scoring policy is handed the candidates directly).
       max_action_tokens: generate mode: tokens sampled per action at most.
       max_history: None keeps the whole history and prefills only new text each step; k keeps
         the last k steps (shorter prompts, but the prompt is rebuilt and re-prefilled each step).
@@ -47,6 +51,8 @@ class AgentConfig:
     mode: str = "score"
     greedy: bool = True
     temperature: float = 1.0
+    length_norm: bool = False
+    prompt_style: str = "notebook"
     max_action_tokens: int = 12
     max_history: int | None = None
     cache_len: int = 4096
@@ -54,6 +60,7 @@ class AgentConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"AgentConfig.mode must be one of {MODES}, got {self.mode!r}")
+        check_style(self.prompt_style)
         if not self.temperature > 0:
             raise ValueError(f"AgentConfig.temperature must be > 0, got {self.temperature}")
         if self.max_action_tokens < 1 or self.cache_len < 64:
@@ -65,19 +72,34 @@ class AgentConfig:
 
 @dataclasses.dataclass
 class Transition:
-    """One game step as the learner sees it (token ids, not text)."""
+    """One game step as the learner sees it.
+
+    `context_ids` are the ids prefilled before this step's tail: the new history chunk (whole
+    history kept: the chunks of a game concatenate to its history) or the whole windowed
+    prompt (`max_history=k`). `candidate_ids` are the actions the policy chose among (score
+    mode: every valid action, " a" + EOS) or the sampled action (generate mode); `logprob` is
+    log pi(candidate_ids[choice] | s) under the distribution it was drawn from (score mode: the
+    softmax over candidates; generate mode: the summed token log-prob).
+    """
 
     game: int
     step: int
-    prompt_ids: list[int]
-    action_ids: list[int]
-    logprob: float  # summed log-prob of action_ids under the acting policy
     action: str
     valid: bool
+    logprob: float = 0.0
     value: float = 0.0  # V(s) from the value head, if one was given to `play`
     reward: float = 0.0
     terminated: bool = False
     truncated: bool = False
+    next_value: float = 0.0  # V(s') of the state a truncated episode was cut at (bootstrap)
+    choice: int = 0
+    context_ids: list[int] = dataclasses.field(default_factory=list)
+    tail_ids: list[int] = dataclasses.field(default_factory=list)
+    candidate_ids: list[list[int]] = dataclasses.field(default_factory=list)
+
+
+# What evaluation records leave out: the learner's token ids.
+TOKEN_FIELDS = ("context_ids", "tail_ids", "candidate_ids")
 
 
 def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Array,
@@ -86,78 +108,92 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
     """Play one episode in each game; returns the episodes and every transition in step order.
 
     With a `value_head`, each transition also records V(s) read from the sampler's hidden state
-    of the last prompt token (no extra forward pass). With a `mesh`, the games' KV caches are
-    split over its data-parallel axes (`jaxrl_llm.sharding`).
+    of the last prompt token (no extra forward pass), and the last transition of a truncated
+    episode V(s') of the state it was cut at (one more scoring pass for those games). With a
+    `mesh`, the games' KV caches are split over its data-parallel axes (`jaxrl_llm.sharding`).
     """
     episodes = games.reset(seeds, fold)
     stop = (tokenizer.eos_token_id, text.encode(tokenizer, "\n")[-1])
     sampling = SamplingConfig(config.max_action_tokens, temperature=config.temperature,
                               greedy=config.greedy, eos_ids=stop, pad_id=tokenizer.eos_token_id)
     transitions: list[Transition] = []
-    state = history = None
-    # A CPU prefills one row of a few hundred tokens as fast per token as a batch of such rows
-    # (SmolLM2 int8 + LoRA: 277 vs 292 tok/s for 1 x 512 vs 4 x 512), so there each game's new
-    # text is prefilled at its own width instead of the longest game's; accelerators need the
-    # batch (`extend` still keeps one group unless groups save a quarter of the padded area).
+    last: dict[int, Transition] = {}  # each game's latest transition
+    valued: set[int] = set()  # truncated games whose last state has been valued
+    state = context = None
+    # A CPU prefills one row of a few hundred tokens as fast per token as a batch of such rows,
+    # so there each game's new text is prefilled at its own width instead of the longest game's;
+    # accelerators need the batch (`extend` still keeps one group unless groups save a quarter
+    # of the padded area).
     group_rows = 1 if jax.default_backend() == "cpu" else GROUP_ROWS
-    while not all(e.done for e in episodes):
+    # A truncated game is scored once more, without acting, for the value of its last state.
+    bootstrap = lambda g: (value_head is not None and episodes[g].truncated and g in last
+                           and g not in valued)
+    while any(rows := [not e.done or bootstrap(g) for g, e in enumerate(episodes)]):
         if state is None or config.max_history is not None:
             # A finished game keeps its row with one token: its history is never read again.
-            history = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
-                       if not e.done else [tokenizer.eos_token_id] for e in episodes]
+            context = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
+                       if row else [tokenizer.eos_token_id] for e, row in zip(episodes, rows)]
             state = None  # the old cache is freed before the new one is made, not after
             empty = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
-            state = extend(model, empty, *pad_right(history, pad_id=tokenizer.eos_token_id),
+            state = extend(model, empty, *pad_right(context, pad_id=tokenizer.eos_token_id),
                            group_rows=group_rows)
         active = [not e.done for e in episodes]
         # Finished games still occupy their row: they get a one-token tail and are ignored.
-        tails = [text.encode_tail(tokenizer, step_tail(e.valid_actions)) if a
-                 else [tokenizer.eos_token_id] for e, a in zip(episodes, active)]
+        tail_text = [step_tail(e.valid_actions, config.prompt_style) for e in episodes]
+        tails = [text.encode_tail(tokenizer, t) if row else [tokenizer.eos_token_id]
+                 for t, row in zip(tail_text, rows)]
         key, step_key = jax.random.split(key)
         if config.mode == "generate":
             out, state = generate_from(model, state, *pad_right(tails), step_key, sampling)
             out = jax.tree.map(np.asarray, out)
             actions = text.decode_actions(tokenizer, out.tokens, out.lengths)
-            action_ids = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
-            logprobs, hidden = out.logprobs.sum(1).tolist(), out.prompt_hidden
+            candidates = [[row[:n].tolist()] for row, n in zip(out.tokens, out.lengths)]
+            choices, logprobs, hidden = [0] * len(actions), out.logprobs.sum(1), out.prompt_hidden
         else:
-            actions, action_ids, logprobs, hidden, state = _choose_by_score(
-                model, tokenizer, state, episodes, tails, step_key, config)
+            options = [e.valid_actions or ["look around"] for e in episodes]
+            candidates = [[text.encode_action(tokenizer, t, a) for a in opts]
+                          for t, opts in zip(tail_text, options)]
+            choices, logprobs, hidden, state = _choose_by_score(model, state, tails, candidates,
+                                                                step_key, config)
+            actions = [opts[c] for opts, c in zip(options, choices)]
         values = (np.asarray(value_head(hidden)).tolist() if value_head is not None
                   else [0.0] * len(episodes))
-        step = [e.num_steps for e in episodes]
-        for game, is_active in enumerate(active):
-            if is_active:
-                transitions.append(Transition(
-                    game, step[game], history[game] + tails[game], action_ids[game],
-                    logprobs[game], actions[game], actions[game] in episodes[game].valid_actions,
-                    value=values[game]))
+        for game, e in enumerate(episodes):
+            if active[game]:
+                last[game] = Transition(
+                    game, e.num_steps, actions[game], actions[game] in e.valid_actions,
+                    logprob=float(logprobs[game]), value=values[game], choice=int(choices[game]),
+                    context_ids=context[game], tail_ids=tails[game],
+                    candidate_ids=candidates[game])
+                transitions.append(last[game])
+            elif rows[game]:
+                last[game].next_value = values[game]
+                valued.add(game)
         episodes = games.step([a if act else None for a, act in zip(actions, active)])
-        new_text = []
+        context = []
         for game, is_active in enumerate(active):
             e = episodes[game]
             if is_active:
-                last = next(t for t in reversed(transitions) if t.game == game)
-                last.reward, last.terminated, last.truncated = (e.rewards[-1], e.terminated,
-                                                                e.truncated)
+                t = last[game]
+                t.reward, t.terminated, t.truncated = e.rewards[-1], e.terminated, e.truncated
+            # A truncated game's last state is still read, for its value.
+            keep = is_active and (not e.done or bootstrap(game))
             pieces = ([ACTION_SUFFIX.format(actions[game]),
-                       OBSERVATION_BLOCK.format(e.num_steps, e.observations[-1])]
-                      if is_active and not e.done else [])
-            ids = text.encode_pieces(tokenizer, pieces)
-            history[game] += ids
-            new_text.append(ids)
-        if config.max_history is None and any(new_text):
+                       OBSERVATION_BLOCK.format(e.num_steps, e.observations[-1])] if keep else [])
+            context.append(text.encode_pieces(tokenizer, pieces))
+        if config.max_history is None and any(context):
             # Rows with nothing new (finished games) are all padding: no-ops.
-            state = extend(model, state, *pad_right(new_text), group_rows=group_rows)
+            state = extend(model, state, *pad_right(context), group_rows=group_rows)
         if on_step:
             on_step(episodes)
     return episodes, transitions
 
 
-def _choose_by_score(model, tokenizer, state, episodes, tails, key, config):
-    options = [e.valid_actions or ["look around"] for e in episodes]
-    encoded = [[text.encode_action(tokenizer, step_tail(e.valid_actions), a) for a in opts]
-               for e, opts in zip(episodes, options)]
+def _choose_by_score(model, state, tails, encoded, key, config: AgentConfig):
+    """Score every candidate against the cached history; pick by the action-level policy.
+
+    Returns `(choices [B], log pi(choice) [B], prompt_hidden [B, D], state)`.
+    """
     num = max(len(c) for c in encoded)
     width = max(len(ids) for c in encoded for ids in c)
     candidates = np.zeros((len(encoded), num, width), np.int32)
@@ -167,14 +203,13 @@ def _choose_by_score(model, tokenizer, state, episodes, tails, key, config):
             candidates[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
     (scores, hidden), state = score_continuations(model, state, *pad_right(tails), candidates,
                                                   mask)
-    scores = np.where(mask.any(-1), np.asarray(scores), -np.inf)
+    logpi = np.asarray(action_logprobs(scores, mask.any(-1), config.temperature,
+                                       mask.sum(-1) if config.length_norm else None))
     if config.greedy:
-        choice = scores.argmax(-1)
+        choice = logpi.argmax(-1)
     else:
-        choice = np.asarray(jax.random.categorical(key, scores / config.temperature, axis=-1))
-    actions = [opts[c] for opts, c in zip(options, choice)]
-    action_ids = [cands[c] for cands, c in zip(encoded, choice)]
-    return actions, action_ids, scores[np.arange(len(choice)), choice].tolist(), hidden, state
+        choice = np.asarray(jax.random.categorical(key, logpi, axis=-1))
+    return choice, logpi[np.arange(len(choice)), choice], hidden, state
 
 
 BASELINES = ("random", "gold")
@@ -199,8 +234,7 @@ def play_baseline(games: TextWorldBatch, seeds, fold: str, policy: str,
                 continue
             action = (gold[game][e.num_steps] if gold and e.num_steps < len(gold[game])
                       else str(rng.choice(e.valid_actions)))
-            transitions.append(Transition(game, e.num_steps, [], [], 0.0, action,
-                                          action in e.valid_actions))
+            transitions.append(Transition(game, e.num_steps, action, action in e.valid_actions))
             actions.append(action)
         episodes = games.step(actions)
         if on_step:
@@ -268,7 +302,7 @@ def read_eval_record(path: str, header: dict) -> dict[int, tuple[list[Episode], 
 
     A line cut short by a kill is dropped (and cut from the file, so appending resumes cleanly).
     Transitions come back without their token ids (the record keeps what the summaries and a
-    reader need: step, action, validity, log-prob, reward, flags).
+    reader need: step, action, validity, log-prob, reward, flags, choice).
     """
     if not os.path.exists(path):
         return {}
@@ -287,8 +321,7 @@ def read_eval_record(path: str, header: dict) -> dict[int, tuple[list[Episode], 
         raise ValueError(f"{path} records an evaluation with other settings than its name says: "
                          "delete it to start over")
     return {line["start"]: ([Episode(**e) for e in line["episodes"]],
-                            [Transition(prompt_ids=[], action_ids=[], **t)
-                             for t in line["transitions"]])
+                            [Transition(**t) for t in line["transitions"]])
             for line in lines[1:]}
 
 
@@ -296,7 +329,7 @@ def _append_chunk(path: str, header: dict, start: int, episodes, transitions) ->
     # A kill before the first chunk's write leaves no file, or (cut by `read_eval_record`) an
     # empty one: either way the header comes first.
     lines = [] if os.path.exists(path) and os.path.getsize(path) else [{"header": header}]
-    drop = {"prompt_ids", "action_ids"}
+    drop = set(TOKEN_FIELDS)
     lines.append(dict(start=start, episodes=[dataclasses.asdict(e) for e in episodes],
                       transitions=[{k: v for k, v in dataclasses.asdict(t).items()
                                     if k not in drop} for t in transitions]))

@@ -1,4 +1,8 @@
-"""Expert (gold path) SFT data for TextWorld: one row per step, cached on disk as a Dataset.
+"""Expert (gold path) SFT data for TextWorld, cached on disk as Datasets.
+
+`expert_episodes` keeps one row per game (its text, step by step) and `encode_episode` turns a
+row into packed episodes (`jaxrl_llm.packing`) with the ids `agent.play` feeds; `expert_dataset`
+keeps one row per step with its whole prompt.
 
 Gold paths are replayed with a step limit of `EXPERT_STEP_LIMIT`, whatever limit the agent will
 play with: at the notebook's limit of 16 most gold paths are cut before the meal is eaten, and the
@@ -19,11 +23,88 @@ import datasets
 from tqdm.auto import tqdm
 
 from jaxrl_llm import text
-from jaxrl_llm.envs.textworld import (GameConfig, TextWorldBatch, build_prompt, prompt_pieces,
-                                      step_tail)
+from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, INSTRUCTION, OBSERVATION_BLOCK, Episode,
+                                      GameConfig, TextWorldBatch, build_prompt, check_style,
+                                      prompt_pieces, step_tail)
+from jaxrl_llm.packing import PackedEpisode, pack_episode
 
 logger = logging.getLogger(__name__)
 EXPERT_STEP_LIMIT = 64
+
+
+def _cache_path(cache_dir: str | None, kind: str, key) -> str | None:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{kind}-{digest}") if cache_dir else None
+
+
+def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
+                    cache_dir: str | None = None, progress: bool = True) -> datasets.Dataset:
+    """One row per game: seed, task, observations `[S + 1]`, actions `[S]` (the gold path),
+    valid_actions `[S]` (the valid actions of each step's state), rewards `[S]`, success."""
+    game = dataclasses.replace(game, step_limit=EXPERT_STEP_LIMIT)
+    path = _cache_path(cache_dir, "episodes",
+                       [dataclasses.asdict(game), list(map(int, seeds)), fold])
+    if path and os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    rows, rejected, steps = [], 0, 0
+    with TextWorldBatch(game, 1) as batch:
+        for seed in tqdm(seeds, desc=f"gold paths ({fold})", disable=not progress):
+            (episode,) = batch.reset([int(seed)], fold, gold=True)
+            valid = []
+            for action in batch.gold_actions(0):
+                if episode.done:
+                    break
+                rejected += action not in episode.valid_actions
+                valid.append(list(episode.valid_actions))
+                (episode,) = batch.step([action])
+            steps += len(valid)
+            rows.append(dict(seed=int(seed), task=episode.task,
+                             observations=episode.observations, actions=episode.actions,
+                             valid_actions=valid, rewards=episode.rewards,
+                             success=episode.success))
+    if rejected:
+        logger.warning("%d of %d gold actions were not in the valid-action list (kept)",
+                       rejected, steps)
+    dataset = datasets.Dataset.from_list(rows)
+    if path:
+        dataset.save_to_disk(path)
+    return dataset
+
+
+def encode_episode(tokenizer, row: dict, style: str = "compact",
+                   max_history: int | None = None, candidates: bool = False
+                   ) -> tuple[list[PackedEpisode], list[int]]:
+    """A row of `expert_episodes` as packed episodes and each step's gold candidate index.
+
+    With the whole history (`max_history=None`) the game is one packed episode; with a sliding
+    window of k steps each step is a one-step episode of its own prompt (the window changes
+    the history, so it cannot be shared). Leaves are the gold action (`candidates=False`, for
+    SFT) or every valid action (for the action-level policy); the gold index is -1 where the
+    gold action is not among the valid ones (the expert data is not perfectly clean).
+    """
+    check_style(style)
+    tails, leaves, gold = [], [], []
+    for valid, action in zip(row["valid_actions"], row["actions"]):
+        tail = step_tail(valid, style)
+        options = valid if candidates else [action]
+        tails.append(text.encode_tail(tokenizer, tail))
+        leaves.append([text.encode_action(tokenizer, tail, a) for a in options])
+        gold.append(options.index(action) if action in options else -1)
+    if max_history is None:
+        trunk = [text.encode_pieces(tokenizer, [INSTRUCTION.format(row["task"]),
+                                                OBSERVATION_BLOCK.format(0, row["observations"][0])])]
+        trunk += [text.encode_pieces(tokenizer, [ACTION_SUFFIX.format(action),
+                                                 OBSERVATION_BLOCK.format(s + 1, observation)])
+                  for s, (action, observation) in enumerate(zip(row["actions"][:-1],
+                                                                row["observations"][1:]))]
+        return [pack_episode(trunk, tails, leaves)], gold
+    packed = []
+    for s in range(len(tails)):
+        state = Episode(seed=row["seed"], fold="", task=row["task"],
+                        observations=row["observations"][:s + 1], actions=row["actions"][:s])
+        prompt = text.encode_pieces(tokenizer, prompt_pieces(state, max_history))
+        packed.append(pack_episode([prompt], [tails[s]], [leaves[s]]))
+    return packed, gold
 
 
 def expert_dataset(game: GameConfig, seeds: Sequence[int], fold: str, tokenizer,
@@ -36,14 +117,11 @@ def expert_dataset(game: GameConfig, seeds: Sequence[int], fold: str, tokenizer,
     by a key of everything that changes the rows.
     """
     game = dataclasses.replace(game, step_limit=EXPERT_STEP_LIMIT)
-    key = json.dumps([dataclasses.asdict(game), list(map(int, seeds)), fold, max_history,
-                      tokenizer.name_or_path if hasattr(tokenizer, "name_or_path") else "",
-                      len(tokenizer)], sort_keys=True)
-    path = None
-    if cache_dir:
-        path = os.path.join(cache_dir, "expert-" + hashlib.sha1(key.encode()).hexdigest()[:16])
-        if os.path.isdir(path):
-            return datasets.load_from_disk(path)
+    path = _cache_path(cache_dir, "expert", [
+        dataclasses.asdict(game), list(map(int, seeds)), fold, max_history,
+        tokenizer.name_or_path if hasattr(tokenizer, "name_or_path") else "", len(tokenizer)])
+    if path and os.path.isdir(path):
+        return datasets.load_from_disk(path)
     rows, rejected = [], 0
     with TextWorldBatch(game, 1) as batch:
         for seed in tqdm(seeds, desc=f"gold paths ({fold})", disable=not progress):

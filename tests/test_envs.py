@@ -118,16 +118,18 @@ def test_wilson_interval():
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
 
 
-@pytest.mark.parametrize("mode,max_history", [("score", None), ("generate", None),
-                                              ("score", 2)])
-def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history):
-    """Incremental prefill feeds exactly the tokens of the notebook prompt at every step."""
+@pytest.mark.parametrize("mode,max_history,style", [("score", None, "notebook"),
+                                                    ("generate", None, "notebook"),
+                                                    ("score", 2, "notebook"),
+                                                    ("score", None, "compact")])
+def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style):
+    """Incremental prefill feeds exactly the tokens of the whole prompt at every step."""
     from jaxrl_llm.model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=8192), rngs=nnx.Rngs(0))
     tokenizer = ByteTokenizer()
     config = AgentConfig(mode=mode, greedy=False, max_action_tokens=4, cache_len=8192,
-                         max_history=max_history)
+                         max_history=max_history, prompt_style=style)
     episodes, transitions = play(model, tokenizer, games, [21, 22, 23], "train",
                                  jax.random.key(0), config)
     assert len(transitions) == sum(e.num_steps for e in episodes)
@@ -135,19 +137,59 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history):
         e = episodes[t.game]
         replay = Episode(seed=e.seed, fold=e.fold, task=e.task,
                          observations=e.observations[:t.step + 1], actions=e.actions[:t.step])
-        tail = step_tail(["x"])  # valid actions are not kept per step: compare up to the tail
         expected = text.encode_pieces(tokenizer, prompt_pieces(replay, max_history))
-        assert t.prompt_ids[:len(expected)] == expected
-        assert tokenizer.decode(t.prompt_ids[len(expected):]).startswith("\nValid actions: ")
-        assert tail.endswith("Action: ")
+        # The whole history is the concatenation of the chunks fed so far.
+        fed = (t.context_ids if max_history is not None else
+               [i for s in transitions if s.game == t.game and s.step <= t.step
+                for i in s.context_ids])
+        assert fed == expected
+        tail = tokenizer.decode(t.tail_ids)
+        assert tail.endswith("\nAction:")
+        assert tail.startswith("\nValid actions: ") == (style == "notebook")
         if mode == "score":
-            assert t.valid and t.action_ids[-1] == tokenizer.eos_token_id
+            assert t.valid and t.candidate_ids[t.choice][-1] == tokenizer.eos_token_id
+            assert len(t.candidate_ids) == len(set(map(tuple, t.candidate_ids)))
     rewards = [t.reward for t in transitions if t.game == 0]
     assert sum(rewards) == pytest.approx(sum(episodes[0].rewards))
     last = [t for t in transitions if t.game == 0][-1]
     assert last.truncated == episodes[0].truncated and last.terminated == episodes[0].terminated
     summary = summarize(episodes, transitions)
     assert summary["games"] == 3 and 0 <= summary["invalid_rate"] <= 1
+
+
+@pytest.mark.parametrize("style,max_history", [("compact", None), ("notebook", None),
+                                               ("compact", 2)])
+def test_encoded_gold_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history):
+    """Each step of a packed gold game is its per-step prompt: history + tail, then actions."""
+    from jaxrl_llm.data import encode_episode, expert_episodes
+
+    tokenizer = ByteTokenizer()
+    (row,) = expert_episodes(GameConfig(), [3], "train", cache_dir=str(tmp_path), progress=False)
+    assert expert_episodes(GameConfig(), [3], "train", cache_dir=str(tmp_path))[0] == row
+    assert len(row["actions"]) == len(row["valid_actions"]) == len(row["observations"]) - 1
+    packed, gold = encode_episode(tokenizer, row, style, max_history, candidates=True)
+    steps = [(p, s) for p in packed for s in range(len(p.decisions))]
+    assert len(steps) == len(row["actions"])
+    for step, (p, s) in enumerate(steps):
+        state = Episode(seed=3, fold="train", task=row["task"],
+                        observations=row["observations"][:step + 1],
+                        actions=row["actions"][:step])
+        valid = row["valid_actions"][step]
+        expected = text.encode_prompt(tokenizer, prompt_pieces(state, max_history),
+                                      step_tail(valid, style))
+        decision = p.decisions[s]
+        seen = (p.branch[:decision + 1] == -1) | (p.branch[:decision + 1] == s)
+        assert p.tokens[:decision + 1][seen].tolist() == expected
+        assert p.positions[decision] == len(expected) - 1
+        leaves = p.tokens[(p.branch == s) & (p.leaf >= 0)].tolist()
+        tail = step_tail(valid, style)
+        assert leaves == [i for a in valid for i in text.encode_action(tokenizer, tail, a)]
+        if gold[step] >= 0:
+            assert valid[gold[step]] == row["actions"][step]
+    sft, _ = encode_episode(tokenizer, row, style, max_history)
+    assert sum(len(p.targets) for p in sft) == sum(
+        len(text.encode_action(tokenizer, step_tail(v, style), a))
+        for v, a in zip(row["valid_actions"], row["actions"]))
 
 
 def test_expert_dataset_round_trips_through_cache(tmp_path):
@@ -277,7 +319,7 @@ def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     assert played == [[0, 1], [2, 3], [2, 3]]  # the first chunk came from the record
     chunks = read_eval_record(record, header)
     assert sorted(chunks) == [0, 2] and all(len(e) == 2 for e, _ in chunks.values())
-    assert all(t.action and not t.prompt_ids for _, trs in chunks.values() for t in trs)
+    assert all(t.action and not t.context_ids for _, trs in chunks.values() for t in trs)
     # Other settings (another checkpoint, say) get a record of their own.
     other = dict(header, settings=dict(policy="random", checkpoint=2))
     assert eval_record_path(directory, other) != record

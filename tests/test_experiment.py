@@ -20,7 +20,8 @@ def test_smoke_run_and_resume(tmp_path):
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["iteration"] for r in records if r["stage"] == "ppo"] == [1, 2]
     sft_steps = [r for r in records if r["stage"] == "sft"]
-    assert sft_steps and all(r["epoch"] == 0 for r in sft_steps)
+    epochs = Config.preset("smoke").sft_epochs
+    assert sft_steps and {r["epoch"] for r in sft_steps} == set(range(epochs))
     assert len({r["step"] for r in sft_steps}) == len(sft_steps)  # SFT ran once
     # The SFT evaluation was kept and reused; the PPO policy changed, so it was played again.
     kept = sorted(os.listdir(os.path.join(run_dir, "eval")))
@@ -32,6 +33,11 @@ def test_smoke_run_and_resume(tmp_path):
     for key in ("kl_ref", "entropy", "clip_fraction", "approx_kl", "explained_variance",
                 "value_loss", "policy_loss", "env_steps_per_s", "iteration_seconds"):
         assert key in records[-1]
+    # Score-mode collection acts among the valid actions only; SFT logs its early signal.
+    ppo = [r for r in records if r["stage"] == "ppo"]
+    assert all(r["valid_action_rate"] == 1.0 and r["candidates"] > 1 for r in ppo)
+    dev = [r for r in records if r["stage"] == "sft_dev"]
+    assert dev and 0 <= dev[-1]["action_accuracy"] <= 1 and dev[-1]["steps"] > 0
 
 
 def test_cli_errors():
@@ -41,6 +47,18 @@ def test_cli_errors():
         parse_args(["--preset", "smoke", "--num-envs", "0"])
     with pytest.raises(ValueError, match="--eval-step-limits must be one or more limits >= 1"):
         Config.preset("smoke", eval_step_limits=(16, 0))
+    for flag in ("--prompt-style", "--agent-mode", "--collect-mode"):
+        with pytest.raises(ValueError, match=f"{flag} must be one of"):
+            parse_args(["--preset", "smoke", flag, "chat"])
+    with pytest.raises(ValueError, match="--dev-games and --ppo-iterations must be >= 0"):
+        parse_args(["--ppo-iterations", "-1"])
+    # Sub-configs are validated with the run's config, before anything loads.
+    with pytest.raises(ValueError, match="kl_in must be one of"):
+        parse_args(["--kl-in", "both"])
+    with pytest.raises(ValueError, match="learning_rate"):
+        parse_args(["--ppo-learning-rate", "0"])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        parse_args(["--temperature", "0"])
 
 
 def test_presets_are_valid_configs():

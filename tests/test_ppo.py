@@ -1,4 +1,4 @@
-"""PPO on TextWorld with a tiny model: the notebook's bugs must not come back."""
+"""Action-level PPO on TextWorld with a tiny model: collection and update compute one policy."""
 
 import functools
 
@@ -8,111 +8,200 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm import text
-from jaxrl_llm.agent import AgentConfig, play
-from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, prompt_pieces, step_tail
+from jaxrl_llm.agent import AgentConfig, Transition, play
+from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
 from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
+from jaxrl_llm.packing import collate, pack_episode, packed_forward
+from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
 from jaxrl_llm.text import ByteTokenizer
-from jaxrl_llm.train.ppo import (PPOConfig, action_scores, minibatches, ppo_loss,
-                                 prepare_rollout, score_all, step_advantages)
+from jaxrl_llm.train.ppo import (PackedRollout, PPOConfig, collate_steps, minibatches, ppo_loss,
+                                 prepare_rollout, step_advantages)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
-pytestmark = pytest.mark.textworld
-CONFIG = PPOConfig(minibatch_size=4, micro_batch_size=2, epochs=1)
+CONFIG = PPOConfig(minibatch_size=2, micro_batch_size=1, epochs=1)
 
 
-@pytest.fixture(scope="module")
-def rollout():
-    lm = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=4096), rngs=nnx.Rngs(0))
+def tiny_actor_critic():
+    lm = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=8192), rngs=nnx.Rngs(0))
     apply_lora(lm, LoraConfig(rank=4), nnx.Rngs(1))
     actor_critic = ActorCritic(lm)
     actor_critic.value_head.kernel[...] = 0.1 * jax.random.normal(jax.random.key(2), (64,))
-    tokenizer = ByteTokenizer()
+    return actor_critic
+
+
+def forward_of(model):
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, b: packed_forward(nnx.merge(graphdef, s), b))
+    return lambda batch: forward(state, batch)
+
+
+@pytest.fixture(scope="module", params=[None, 1], ids=["packed", "window"])
+def rollout(request):
+    actor_critic = tiny_actor_critic()
+    agent = AgentConfig(mode="score", greedy=False, prompt_style="compact",
+                        max_history=request.param, cache_len=8192)
     with TextWorldBatch(GameConfig(step_limit=3), 2) as games:
-        episodes, transitions = play(lm, tokenizer, games, [4, 5], "train", jax.random.key(0),
-                                     AgentConfig(mode="generate", greedy=False,
-                                                 max_action_tokens=6, cache_len=4096),
+        episodes, transitions = play(actor_critic.lm, ByteTokenizer(), games, [4, 5], "train",
+                                     jax.random.key(0), agent,
                                      value_head=actor_critic.value_head)
-    finals = {g: text.encode_prompt(tokenizer, prompt_pieces(e), step_tail(e.valid_actions))
-              for g, e in enumerate(episodes) if e.truncated}
-    arrays, stats = prepare_rollout(transitions, finals, actor_critic, actor_critic, CONFIG,
-                                    pad_id=tokenizer.eos_token_id, action_len=8)
-    return actor_critic, episodes, transitions, arrays, stats
+    packed, stats = prepare_rollout(transitions, request.param is None,
+                                    forward_of(actor_critic.lm), CONFIG, pad_id=256)
+    return actor_critic, episodes, transitions, packed, stats
 
 
-def test_stored_logprobs_and_values_equal_a_fresh_forward(rollout):
-    actor_critic, _, _, arrays, _ = rollout
-    logprob, _, value = action_scores(actor_critic, jax.tree.map(jnp.asarray, arrays))
-    np.testing.assert_allclose(np.asarray(logprob), arrays["old_logprob"], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(value), arrays["old_value"], atol=1e-4)
-    # `score_all` (the reference log-probs; here the reference is the policy itself) runs
-    # length-sorted chunks cut to their own widths: row by row, the same as one full forward.
-    np.testing.assert_allclose(arrays["ref_logprob"], np.asarray(logprob), atol=1e-5)
-    chunked_logprob, _, chunked_value = score_all(actor_critic, arrays, chunk=2)
-    np.testing.assert_allclose(chunked_logprob, np.asarray(logprob), atol=1e-5)
-    np.testing.assert_allclose(chunked_value, np.asarray(value), atol=1e-5)
-
-
-def test_ratio_is_one_on_the_first_minibatch(rollout):
-    actor_critic, _, _, arrays, _ = rollout
-    batch = next(minibatches(arrays, CONFIG, np.random.default_rng(0)))
-    micro = jax.tree.map(jnp.asarray, batch[0])
-    _, count, metrics = ppo_loss(actor_critic, micro, CONFIG)
-    assert float(metrics["ratio_max"] / count) == pytest.approx(1.0, abs=1e-4)
+@pytest.mark.textworld
+def test_update_recomputes_the_collected_policy_exactly(rollout):
+    # Play scored candidates against its KV cache; the update scores them in a packed
+    # forward: the same log pi(choice), values, and a ratio of exactly 1 before any update.
+    actor_critic, _, transitions, packed, stats = rollout
+    assert stats["valid_action_rate"] == 1.0
+    batch = jax.tree.map(jnp.asarray, collate_steps(packed, list(range(len(packed.episodes)))))
+    out = packed_forward(actor_critic.lm, batch)
+    mask = batch["leaf_lengths"] > 0
+    logpi = action_logprobs(out.scores, mask)
+    chosen = jnp.take_along_axis(logpi, batch["choice"][..., None], axis=-1)[..., 0]
+    weight = batch["weight"] > 0
+    np.testing.assert_allclose(np.asarray(chosen)[weight], np.asarray(batch["old_logprob"])[weight],
+                               atol=1e-4)
+    value = actor_critic.value_head(out.decision_hidden)
+    np.testing.assert_allclose(np.asarray(value)[weight], np.asarray(batch["old_value"])[weight],
+                               atol=1e-4)
+    _, count, metrics = ppo_loss(actor_critic, batch, CONFIG)
+    assert float(count) == len(transitions)
+    assert float(metrics["approx_kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(metrics["clip_fraction"]) == 0.0
-    assert float(metrics["kl_ref_k3"]) == pytest.approx(0.0, abs=1e-5)  # reference == policy
+    assert float(metrics["kl_ref"]) == pytest.approx(0.0, abs=1e-5)  # reference == policy
 
 
+@pytest.mark.textworld
 def test_rewards_land_on_their_step(rollout):
     _, episodes, transitions, _, stats = rollout
     for t in transitions:
         assert t.reward == episodes[t.game].rewards[t.step]
+        assert t.logprob <= 0
     assert stats["transitions"] == sum(e.num_steps for e in episodes)
+    # Every truncated game got the value of the state it was cut at.
+    for g, e in enumerate(episodes):
+        last = max((t for t in transitions if t.game == g), key=lambda t: t.step)
+        assert (last.next_value != 0.0) == e.truncated
 
 
-def test_step_advantages_bootstrap_only_truncated_episodes():
-    from jaxrl_llm.agent import Transition
-
-    make = lambda game, step, terminated=False, truncated=False: Transition(
-        game, step, [1], [2], 0.0, "a", True, reward=1.0, terminated=terminated,
-        truncated=truncated)
-    transitions = [make(0, 0), make(1, 0), make(0, 1, terminated=True), make(1, 1, truncated=True)]
-    values = np.array([0.5, 0.5, 0.25, 0.25], np.float32)
-    rewards = np.ones(4, np.float32)
-    advantages, returns = step_advantages(transitions, rewards, values, {1: 10.0}, 1.0, 1.0)
-    # Game 0 terminated: returns 2, 1. Game 1 truncated with bootstrap 10: returns 12, 11.
-    np.testing.assert_allclose(returns, [2.0, 12.0, 1.0, 11.0], atol=1e-5)
-    np.testing.assert_allclose(advantages, returns - values, atol=1e-5)
-
-
-def test_padding_rows_never_reach_the_loss(rollout):
-    actor_critic, _, _, arrays, _ = rollout
-    n = len(arrays["prompt"])
-    config = PPOConfig(minibatch_size=n + 2, micro_batch_size=n + 2, epochs=1)
-    (batch,) = jax.tree.map(jnp.asarray, next(minibatches(arrays, config,
-                                                          np.random.default_rng(0))))
+@pytest.mark.textworld
+def test_padded_steps_and_candidates_never_reach_the_loss(rollout):
+    actor_critic, _, _, packed, _ = rollout
+    batch = jax.tree.map(jnp.asarray, collate_steps(packed, list(range(len(packed.episodes)))))
     padding = batch["weight"] == 0
-    assert int(padding.sum()) == 2
-    garbage = dict(batch, advantage=jnp.where(padding, 1e6, batch["advantage"]),
-                   old_logprob=jnp.where(padding, -1e6, batch["old_logprob"]))
-    for a, b in zip(ppo_loss(actor_critic, batch, config), ppo_loss(actor_critic, garbage, config)):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
+    assert bool(padding.any())
+    noise = lambda x, k: jnp.where(padding if x.ndim == 2 else padding[..., None],
+                                   jax.random.normal(jax.random.key(k), x.shape) * 1e3, x)
+    garbage = dict(batch, advantage=noise(batch["advantage"], 0),
+                   old_logprob=noise(batch["old_logprob"], 1), ref_logpi=noise(batch["ref_logpi"], 2),
+                   old_value=noise(batch["old_value"], 3),
+                   **{"return": noise(batch["return"], 4)})
+    # Padded candidate slots of real steps carry garbage reference log-probs too.
+    no_leaf = ~(batch["leaf_lengths"] > 0)
+    garbage["ref_logpi"] = jnp.where(no_leaf, 77.0, garbage["ref_logpi"])
+    loss_fn = lambda b: ppo_loss(actor_critic, b, PPOConfig(kl_in="loss"))
+    for a, b in zip(loss_fn(batch), loss_fn(garbage)):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), a, b)
+    graphdef, state = nnx.split(actor_critic)
+    g = lambda b: jax.grad(lambda s: ppo_loss(nnx.merge(graphdef, s), b,
+                                              PPOConfig(kl_in="loss"))[0])(state)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7),
+                 g(batch), g(garbage))
 
 
+@pytest.mark.textworld
 def test_ppo_update_moves_only_adapters_and_value_head(rollout):
-    actor_critic, _, _, arrays, _ = rollout
+    actor_critic, _, _, packed, _ = rollout
     trainer = Trainer(actor_critic, make_optimizer(OptimConfig(learning_rate=1e-3)),
                       functools.partial(ppo_loss, config=CONFIG))
     state = trainer.init()
     before = jax.tree.map(np.asarray, state.trainable)
-    for batch in minibatches(arrays, CONFIG, np.random.default_rng(1)):
-        state, metrics = trainer.step(state, jax.tree.map(jnp.asarray, batch))
+    for batch in minibatches(packed, CONFIG, jax.random.key(1), pad_id=256):
+        state, metrics = trainer.step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
                            state.trainable)
     assert any(jax.tree.leaves(changed))
+
+
+def test_action_update_raises_the_probability_of_a_rewarded_candidate():
+    actor_critic = tiny_actor_critic()
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(3, 250, n).tolist()
+    episode = pack_episode([ids(20)], [ids(3)], [[ids(3), ids(4), ids(2)]])
+    forward = forward_of(actor_critic.lm)
+
+    def prob_of_one():
+        b = collate([episode])
+        logpi = action_logprobs(forward_of(trainer.model(state).lm)(b).scores, b["leaf_lengths"] > 0)
+        return float(jnp.exp(logpi[0, 0, 1]))
+
+    b = collate([episode])
+    logpi = np.asarray(action_logprobs(forward(b).scores, b["leaf_lengths"] > 0))
+    rollout = PackedRollout([episode], [dict(
+        choice=np.array([1], np.int32), old_logprob=logpi[0, :1, 1],
+        ref_logprob=logpi[0, :1, 1], ref_logpi=logpi[0, :1], old_value=np.zeros(1, np.float32),
+        advantage=np.ones(1, np.float32), **{"return": np.ones(1, np.float32)})])
+    config = PPOConfig(minibatch_size=1, micro_batch_size=1, kl_coef=0.0)
+    trainer = Trainer(actor_critic, make_optimizer(OptimConfig(learning_rate=1e-2)),
+                      functools.partial(ppo_loss, config=config))
+    state = trainer.init()
+    before = prob_of_one()
+    for _ in range(3):
+        (update,) = minibatches(rollout, config, jax.random.key(0))
+        state, _ = trainer.step(state, update)
+    assert prob_of_one() > 1.5 * before  # (clipped: at most ~1.2x per fresh ratio, 3 steps)
+
+
+def test_categorical_entropy_and_kl_equal_numpy_with_padded_slots():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(5, 7)).astype(np.float32) * 2
+    ref_scores = rng.normal(size=(5, 7)).astype(np.float32) * 2
+    mask = rng.random((5, 7)) < 0.7
+    mask[:, 0] = True
+    scores[~mask], ref_scores[~mask] = 1e9, -1e9  # padded slots hold garbage
+    logpi = action_logprobs(jnp.asarray(scores), mask, temperature=0.7)
+    ref = action_logprobs(jnp.asarray(ref_scores), mask, temperature=0.7)
+    for row in range(5):
+        s, r = scores[row][mask[row]] / 0.7, ref_scores[row][mask[row]] / 0.7
+        lp = s - np.log(np.exp(s - s.max()).sum()) - s.max()
+        lr = r - np.log(np.exp(r - r.max()).sum()) - r.max()
+        np.testing.assert_allclose(np.asarray(logpi[row])[mask[row]], lp, rtol=1e-5, atol=1e-5)
+        assert np.all(np.isneginf(np.asarray(logpi[row])[~mask[row]]))
+        p = np.exp(lp)
+        assert float(categorical_entropy(logpi, mask)[row]) == pytest.approx(-(p * lp).sum(),
+                                                                             rel=1e-4, abs=1e-6)
+        assert float(categorical_kl(logpi, ref, mask)[row]) == pytest.approx(
+            (p * (lp - lr)).sum(), rel=1e-4, abs=1e-5)
+
+
+def test_length_norm_divides_scores_by_token_counts():
+    scores = jnp.asarray([[-4.0, -3.0]])
+    lengths = jnp.asarray([[4, 1]])
+    mask = jnp.asarray([[True, True]])
+    normed = action_logprobs(scores, mask, lengths=lengths)
+    np.testing.assert_allclose(np.asarray(normed), np.asarray(
+        jax.nn.log_softmax(jnp.asarray([[-1.0, -3.0]]))), rtol=1e-6)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        action_logprobs(scores, mask, temperature=0.0)
+
+
+def test_step_advantages_bootstrap_only_truncated_episodes():
+    make = lambda game, step, value, terminated=False, truncated=False, next_value=0.0: Transition(
+        game, step, "a", True, value=value, reward=1.0, terminated=terminated,
+        truncated=truncated, next_value=next_value)
+    transitions = [make(0, 0, 0.5), make(1, 0, 0.5), make(0, 1, 0.25, terminated=True),
+                   make(1, 1, 0.25, truncated=True, next_value=10.0)]
+    rewards = np.ones(4, np.float32)
+    advantages, returns = step_advantages(transitions, rewards, 1.0, 1.0)
+    # Game 0 terminated: returns 2, 1. Game 1 truncated with bootstrap 10: returns 12, 11.
+    np.testing.assert_allclose(returns, [2.0, 12.0, 1.0, 11.0], atol=1e-5)
+    values = np.array([t.value for t in transitions])
+    np.testing.assert_allclose(advantages, returns - values, atol=1e-5)
 
 
 def test_bad_ppo_config():
@@ -120,3 +209,7 @@ def test_bad_ppo_config():
         PPOConfig(kl_in="both")
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         PPOConfig(minibatch_size=6, micro_batch_size=4)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        PPOConfig(policy="token")
+    with pytest.raises(ValueError, match="learning_rate and temperature must be > 0"):
+        PPOConfig(learning_rate=0.0)

@@ -21,6 +21,11 @@ INSTRUCTION = "# TASK: {}\nChoose exactly one valid action."
 OBSERVATION_BLOCK = "\n# STEP {} \nObs: {}"
 ACTION_SUFFIX = "\nAction: {}"
 TAIL = "\nValid actions: {}\nAction: "
+# "notebook": notebook 000's tail lists the valid actions (a generator needs them); "compact"
+# asks for the action only: a scoring policy is handed the candidates directly, and the list is
+# most of a game's tokens.
+PROMPT_STYLES = ("notebook", "compact")
+COMPACT_TAIL = "\nAction: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,11 +257,19 @@ def prompt_pieces(episode: Episode, max_history: int | None = None) -> list[str]
     return pieces + [OBSERVATION_BLOCK.format(episode.num_steps, episode.observations[-1])]
 
 
-def step_tail(valid_actions: Sequence[str]) -> str:
-    """The per-step question: `"\\nValid actions: a, b\\nAction: "`."""
-    return TAIL.format(", ".join(valid_actions))
+def check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
 
-def build_prompt(episode: Episode, max_history: int | None = None) -> str:
-    """The full prompt of notebook 000 (prefix + tail) for the episode's current step."""
-    return "".join(prompt_pieces(episode, max_history)) + step_tail(episode.valid_actions)
+def step_tail(valid_actions: Sequence[str], style: str = "notebook") -> str:
+    """The per-step question: `"\\nValid actions: a, b\\nAction: "` (notebook) or
+    `"\\nAction: "` (compact)."""
+    check_style(style)
+    return TAIL.format(", ".join(valid_actions)) if style == "notebook" else COMPACT_TAIL
+
+
+def build_prompt(episode: Episode, max_history: int | None = None,
+                 style: str = "notebook") -> str:
+    """The full prompt (prefix + tail) for the episode's current step."""
+    return "".join(prompt_pieces(episode, max_history)) + step_tail(episode.valid_actions, style)

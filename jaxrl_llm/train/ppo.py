@@ -1,33 +1,40 @@
 """Step-level PPO for LLM agents (Schulman et al. 2017; notebook 000's recipe, corrected).
 
 One PPO iteration, in paper order:
-  1. collect episodes with the sampling policy (`agent.play`, generate mode): per step the prompt
-     and action tokens and the summed log-prob of the action under the policy that sampled it;
-  2. score every transition once more in a batched forward: the value of its state (value head
-     on the last prompt token) and the reference log-prob (frozen warm-start adapters), plus the
-     value of the state a truncated episode was cut at (bootstrap);
-  3. rewards minus the KL penalty (k1 per action, "in reward" as the notebook) -> GAE with
-     gamma, lambda at step level (terminated: no future; truncated: bootstrap);
-  4. several epochs of shuffled minibatch updates of LoRA + value head from the **stored**
-     log-probs (never re-sampled: the ratio is exactly 1 before the first update).
+  1. collect episodes with the sampling policy (`agent.play`): per step the new history ids,
+     the tail, the candidates chosen among, the choice, log pi(choice | s) of the distribution
+     it was drawn from, V(s), and for a truncated episode V(s') of the state it was cut at;
+  2. pack each game into one sequence (`jaxrl_llm.packing`; a sliding-window history gives one
+     sequence per step) and score it once with the frozen warm start (the KL reference);
+  3. rewards minus the KL penalty (k1 of the taken action, "in reward" as the notebook) -> GAE
+     with gamma, lambda at step level (terminated: no future; truncated: bootstrap);
+  4. several epochs of shuffled minibatch updates of LoRA + value head, each packed game in one
+     forward, from the **stored** log-probs (never re-sampled: the ratio is exactly 1 before
+     the first update).
+
+Two policies over the same packed rows (`PPOConfig.policy`):
+  * "action": pi(a_k | s) = softmax over the state's valid actions of their summed log-probs
+    (`scoring.action_logprobs`); entropy and the exact KL are over those candidates.
+  * "sequence": the free-text policy of generate mode, log pi(a | s) = the summed token log-prob
+    of the sampled action (its one candidate); entropy is the mean token entropy, KL is k3.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxrl_llm import losses
-from jaxrl_llm.agent import Transition
 from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
                               require_ppo_hyperparameters)
-from jaxrl_llm.generation import bucket_length, pad_left, pad_right
-from jaxrl_llm.logprobs import score_responses
-from jaxrl_llm.train.step import micro_batches
+from jaxrl_llm.packing import PackedEpisode, collate, pack_episode, packed_forward
+from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
+
+POLICIES = ("action", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +49,15 @@ class PPOConfig:
       entropy_coef: entropy bonus weight (0).
       gamma, lam: discount and GAE lambda (1.0, 0.95).
       kl_coef: KL-to-reference weight (0.2).
-      kl_in: "reward" (penalty subtracted from each step's reward) or "loss" (k3 term added to
-        the loss).
-      epochs: passes over the collected transitions per iteration.
-      minibatch_size: transitions per optimizer step; micro_batch_size: per forward/backward.
-      whiten_advantages: normalise advantages over the iteration's transitions.
+      kl_in: "reward" (k1 penalty subtracted from each step's reward) or "loss" (the exact KL
+        over the candidates, or k3 for the sequence policy, added to the loss).
+      epochs: passes over the collected games per iteration.
+      minibatch_size: packed sequences (games) per optimizer step; micro_batch_size: per
+        forward/backward.
+      whiten_advantages: normalise advantages over the iteration's steps.
+      policy: "action" (softmax over valid actions) or "sequence" (free text), see module doc.
+      temperature, length_norm: the action policy's softmax temperature and per-token scores
+        (must equal the collecting agent's: `agent.AgentConfig`).
     """
 
     learning_rate: float = 1.41e-5
@@ -59,74 +70,155 @@ class PPOConfig:
     kl_coef: float = 0.2
     kl_in: str = "reward"
     epochs: int = 2
-    minibatch_size: int = 8
-    micro_batch_size: int = 2
+    minibatch_size: int = 2
+    micro_batch_size: int = 1
     whiten_advantages: bool = True
+    policy: str = "action"
+    temperature: float = 1.0
+    length_norm: bool = False
 
     def __post_init__(self):
         if self.kl_in not in losses.KL_MODES:
             raise ValueError(f"PPOConfig.kl_in must be one of {losses.KL_MODES}, got "
                              f"{self.kl_in!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"PPOConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if not self.learning_rate > 0 or not self.temperature > 0:
+            raise ValueError(f"PPOConfig.learning_rate and temperature must be > 0, got "
+                             f"{self.learning_rate} and {self.temperature}")
         require_ppo_hyperparameters(self)
         require_at_least_one(self, ("epochs", "minibatch_size", "micro_batch_size"))
         require_micro_batches(self, "minibatch_size")
 
 
-def action_scores(actor_critic, batch, remat: bool = False):
-    """`(action logprob [b], mean token entropy [b], value [b])` of a batch of transitions.
+def step_logprobs(out, batch, config: PPOConfig):
+    """Per-step policy quantities of packed rows: `(log pi(choice) [B, S], entropy [B, S],
+    log pi over candidates [B, S, C] (action policy; None for the sequence policy))`."""
+    choice = batch["choice"][..., None]
+    if config.policy == "sequence":
+        length = jnp.maximum(batch["leaf_lengths"][..., 0], 1).astype(jnp.float32)
+        return out.scores[..., 0], out.entropy_sums[..., 0] / length, None
+    mask = batch["leaf_lengths"] > 0
+    logpi = action_logprobs(out.scores, mask, config.temperature,
+                            batch["leaf_lengths"] if config.length_norm else None)
+    # Padded steps have no candidate (all -inf): zeroed so that no NaN reaches a gradient.
+    logpi = jnp.where(mask, logpi, 0.0)
+    return (jnp.take_along_axis(logpi, choice, axis=-1)[..., 0],
+            categorical_entropy(logpi, mask), logpi)
 
-    The action log-prob is the sum over its tokens (stop token included), the quantity the
-    sampler reported; the value is read on the last prompt token (the state before acting).
+
+def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
+    """Clipped policy + clipped value (+ KL-in-loss, - entropy) loss summed over steps.
+
+    Returns `(loss_sum, step_count, metric_sums)` for `train.step.Trainer`; padded steps
+    (weight 0) count for nothing.
     """
-    logprobs, entropy, hidden = score_responses(
-        actor_critic.lm, batch["prompt"], batch["prompt_mask"], batch["action"],
-        batch["action_mask"], remat=remat)
-    mask = batch["action_mask"].astype(jnp.float32)
-    mean_entropy = jnp.sum(entropy * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
-    return jnp.sum(logprobs, -1), mean_entropy, actor_critic.value_head(hidden)
+    out = packed_forward(actor_critic.lm, batch, remat=remat)
+    logprob, entropy, logpi = step_logprobs(out, batch, config)
+    value = actor_critic.value_head(out.decision_hidden)
+    weight = batch["weight"]
+    policy = losses.ppo_policy_loss(logprob, batch["old_logprob"], batch["advantage"], weight,
+                                    clip_eps=config.clip_eps, reduction="sum")
+    value_loss = losses.ppo_value_loss(value, batch["old_value"], batch["return"], weight,
+                                       clip=config.value_clip or None, reduction="sum")
+    if logpi is None:
+        kl = losses.kl_k3(logprob, batch["ref_logprob"])
+    else:
+        kl = categorical_kl(logpi, batch["ref_logpi"], batch["leaf_lengths"] > 0)
+    total = lambda x: jnp.sum(x * weight)
+    loss = policy.loss + config.vf_coef * value_loss - config.entropy_coef * total(entropy)
+    if config.kl_in == "loss":
+        loss = loss + config.kl_coef * total(kl)
+    # Per-minibatch means are reported as sums here and divided by the count in `Trainer`.
+    count = jnp.sum(weight)
+    metrics = dict(loss=loss, policy_loss=policy.loss, value_loss=value_loss,
+                   entropy=total(entropy), kl_ref=total(kl),
+                   clip_fraction=policy.clip_fraction * count,
+                   approx_kl=policy.approx_kl_k3 * count)
+    return loss, count, metrics
 
 
-@jax.jit
-def _scores_jit(graphdef, state, batch):
-    return action_scores(nnx.merge(graphdef, state), batch)
+@dataclasses.dataclass
+class PackedRollout:
+    """The update's data: packed sequences and per sequence its steps' arrays `[S]` (`[S, C]`
+    for ref_logpi): choice, old_logprob, ref_logprob, ref_logpi, old_value, advantage, return."""
+
+    episodes: list[PackedEpisode]
+    steps: list[dict[str, np.ndarray]]
 
 
-def score_all(actor_critic, arrays: dict[str, np.ndarray], chunk: int = 8):
-    """`action_scores` over all rows of `arrays`, in input order.
+def pack_rollout(transitions, shared_history: bool) -> tuple[list[PackedEpisode], list[list[int]]]:
+    """Transitions (`agent.play`, any game order, step order within a game) -> packed sequences
+    and, per sequence, the indices of its transitions in step order.
 
-    Rows run in chunks of similar prompt length, each cut to its own length bucket
-    (`train.step.micro_batches`): one compile per bucket width, and short prompts skip the
-    padding of the longest.
+    `shared_history` (play kept the whole history): one sequence per game, its trunk the
+    concatenated `context_ids`; otherwise (a sliding window) one sequence per step.
     """
-    graphdef, state = nnx.split(actor_critic)
-    n = len(arrays["prompt"])
-    order = np.argsort(arrays["prompt_mask"].sum(axis=1), kind="stable")
-    rows = {k: v[order] for k, v in arrays.items()}
-    short = -n % chunk
-    if short:  # pad the last chunk to the common row count with all-masked rows
-        rows = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-                for k, v in rows.items()}
-        rows["prompt_mask"][n:, -1] = True  # a row needs one visible token
-    outputs = [jax.tree.map(np.asarray, _scores_jit(graphdef, state,
-                                                     jax.tree.map(jnp.asarray, part)))
-               for part in micro_batches(rows, chunk)]
-    inverse = np.argsort(order)
-    return tuple(np.concatenate(parts)[:n][inverse] for parts in zip(*outputs))
+    groups: dict = {}
+    for n, t in enumerate(transitions):
+        groups.setdefault(t.game if shared_history else n, []).append(n)
+    members = [sorted(g, key=lambda n: transitions[n].step) for g in groups.values()]
+    episodes = [pack_episode([transitions[n].context_ids for n in g],
+                             [transitions[n].tail_ids for n in g],
+                             [transitions[n].candidate_ids for n in g]) for g in members]
+    return episodes, members
 
 
-def transition_arrays(prompts, actions, pad_id: int, action_len: int) -> dict[str, np.ndarray]:
-    """Token lists -> left-padded prompts and right-padded actions (bucketed prompt width)."""
-    prompt, prompt_mask = pad_left(prompts, bucket_length(max(map(len, prompts))), pad_id)
-    action, action_mask = pad_right(actions, action_len, pad_id)
-    return dict(prompt=prompt, prompt_mask=prompt_mask, action=action, action_mask=action_mask)
+def prepare_rollout(transitions, shared_history: bool, reference_forward, config: PPOConfig,
+                    pad_id: int = 0) -> tuple[PackedRollout, dict[str, float]]:
+    """The update's data for one iteration, from the stored transitions.
+
+    Args:
+      transitions: collected with `agent.play(..., value_head=...)`; their log-probs, values
+        and bootstrap values are of the sampling policy and used as-is.
+      shared_history: see `pack_rollout`.
+      reference_forward: collated batch -> `packing.PackedOutput` of the frozen warm start.
+      config: PPO hyperparameters; pad_id: padding token of the packed rows.
+    Returns:
+      `(rollout, stats)`.
+    """
+    episodes, members = pack_rollout(transitions, shared_history)
+    ref_logprob = np.zeros(len(transitions), np.float32)
+    ref_logpi = []
+    for episode, group in zip(episodes, members):
+        batch = collate([episode], pad_id)
+        batch["choice"] = np.zeros(batch["step_mask"].shape, np.int32)
+        batch["choice"][0, :len(group)] = [transitions[n].choice for n in group]
+        logprob, _, logpi = step_logprobs(reference_forward(batch), batch, config)
+        ref_logprob[group] = np.asarray(logprob[0, :len(group)])
+        ref_logpi.append(None if logpi is None else np.asarray(logpi[0, :len(group)]))
+    old_logprob = np.array([t.logprob for t in transitions], np.float32)
+    env_reward = np.array([t.reward for t in transitions], np.float32)
+    kl = np.asarray(losses.kl_k1(old_logprob, ref_logprob))
+    reward = (np.asarray(losses.kl_penalized_rewards(env_reward, old_logprob, ref_logprob,
+                                                     config.kl_coef))
+              if config.kl_in == "reward" else env_reward)
+    old_value = np.array([t.value for t in transitions], np.float32)
+    advantage, returns = step_advantages(transitions, reward, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantage = np.asarray(losses.masked_whiten(advantage[None],
+                                                    np.ones((1, len(advantage)))))[0]
+    steps = []
+    for group, logpi in zip(members, ref_logpi):
+        steps.append(dict(
+            choice=np.array([transitions[n].choice for n in group], np.int32),
+            old_logprob=old_logprob[group], ref_logprob=ref_logprob[group],
+            old_value=old_value[group], advantage=advantage[group].astype(np.float32),
+            **{"return": returns[group].astype(np.float32)},
+            **({} if logpi is None else {"ref_logpi": logpi})))
+    explained = 1 - np.var(returns - old_value) / max(float(np.var(returns)), 1e-8)
+    stats = dict(env_reward=float(env_reward.sum()), kl_ref_k1=float(kl.mean()),
+                 explained_variance=float(explained), transitions=len(transitions),
+                 valid_action_rate=float(np.mean([t.valid for t in transitions])),
+                 candidates=float(np.mean([len(t.candidate_ids) for t in transitions])))
+    return PackedRollout(episodes, steps), stats
 
 
-def step_advantages(transitions: list[Transition], rewards: np.ndarray, values: np.ndarray,
-                    bootstrap: dict[int, float], gamma: float, lam: float):
+def step_advantages(transitions, rewards: np.ndarray, gamma: float, lam: float):
     """GAE per episode at step level; returns `(advantages [N], returns [N])` in input order.
 
-    `bootstrap[game]` is V(s_T) for a truncated episode (the state it was cut at); a terminated
-    episode has no future value. Transitions of one game must be in step order.
+    Values are the transitions' `value`; a truncated episode bootstraps from its last
+    transition's `next_value` (V of the state it was cut at), a terminated one has no future.
     """
     games = sorted({t.game for t in transitions})
     length = max(t.step for t in transitions) + 1
@@ -135,12 +227,13 @@ def step_advantages(transitions: list[Transition], rewards: np.ndarray, values: 
     r, v, next_v, terminated, mask = (np.zeros(shape, np.float32) for _ in range(5))
     for n, t in enumerate(transitions):
         i = index[t.game]
-        r[i, t.step], v[i, t.step], mask[i, t.step] = rewards[n], values[n], 1.0
+        r[i, t.step], v[i, t.step], mask[i, t.step] = rewards[n], t.value, 1.0
         terminated[i, t.step] = float(t.terminated)
-    for i, g in enumerate(games):
-        steps = int(mask[i].sum())
-        next_v[i, :steps - 1] = v[i, 1:steps]
-        next_v[i, steps - 1] = bootstrap.get(g, 0.0)
+        next_v[i, t.step] = t.next_value
+    # Within an episode the next value is the next step's value; the last step keeps its own
+    # next_value (the bootstrap of a truncated episode, 0 for a terminated one).
+    inside = mask[:, 1:] > 0
+    next_v[:, :-1] = np.where(inside, v[:, 1:], next_v[:, :-1])
     advantages, returns = losses.gae(
         jnp.asarray(r), jnp.asarray(v), jnp.asarray(next_v), jnp.asarray(terminated),
         jnp.asarray(mask), gamma=gamma, lam=lam)
@@ -150,96 +243,29 @@ def step_advantages(transitions: list[Transition], rewards: np.ndarray, values: 
     return advantages[rows, cols], returns[rows, cols]
 
 
-def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
-    """Clipped policy + clipped value (+ KL-in-loss, - entropy) loss summed over transitions.
-
-    Returns `(loss_sum, count, metric_sums)` for `train.step.Trainer`; padding rows (weight 0)
-    count for nothing.
-    """
-    logprob, entropy, value = action_scores(actor_critic, batch, remat=remat)
-    weight = batch["weight"]
-    policy = losses.ppo_policy_loss(logprob[:, None], batch["old_logprob"][:, None],
-                                    batch["advantage"][:, None], weight[:, None],
-                                    clip_eps=config.clip_eps, reduction="sum")
-    value_loss = losses.ppo_value_loss(value[:, None], batch["old_value"][:, None],
-                                       batch["return"][:, None], weight[:, None],
-                                       clip=config.value_clip or None, reduction="sum")
-    kl = losses.kl_k3(logprob, batch["ref_logprob"])
-    loss = policy.loss + config.vf_coef * value_loss - config.entropy_coef * jnp.sum(
-        entropy * weight)
-    if config.kl_in == "loss":
-        loss = loss + config.kl_coef * jnp.sum(kl * weight)
-    metrics = dict(loss=loss, policy_loss=policy.loss, value_loss=value_loss,
-                   entropy=jnp.sum(entropy * weight), kl_ref_k3=jnp.sum(kl * weight),
-                   clip_fraction=policy.clip_fraction * jnp.sum(weight),
-                   approx_kl=policy.approx_kl_k3 * jnp.sum(weight),
-                   ratio_max=policy.ratio_max * jnp.sum(weight))
-    return loss, jnp.sum(weight), metrics
+def collate_steps(rollout: PackedRollout, rows: Sequence[int], pad_id: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """Packed sequences `rows` of a rollout as one training batch: `packing.collate` plus the
+    step arrays padded to its `[B, S]` (`[B, S, C]`) and a `weight` that is 0 on padded steps."""
+    batch = collate([rollout.episodes[r] for r in rows], pad_id)
+    b, s, c = batch["leaf_lengths"].shape
+    for key in rollout.steps[rows[0]]:
+        shape = (b, s, c) if key == "ref_logpi" else (b, s)
+        batch[key] = np.zeros(shape, rollout.steps[rows[0]][key].dtype)
+        for i, r in enumerate(rows):
+            value = rollout.steps[r][key]
+            batch[key][(i, slice(0, len(value))) + ((slice(0, value.shape[1]),)
+                                                    if value.ndim == 2 else ())] = value
+    batch["weight"] = batch["step_mask"].astype(np.float32)
+    return batch
 
 
-def minibatches(arrays: dict[str, np.ndarray], config: PPOConfig, rng: np.random.Generator):
-    """Shuffled minibatches, each a list of micro-batches (`train.step.micro_batches`); the last
-    one padded with weight-0 rows (they contribute nothing to the summed loss or the count).
-
-    Rows of a minibatch are ordered by prompt length, so that each micro-batch is cut to a
-    bucket near its own rows' lengths (the minibatch's gradient is a sum: order is free).
-    """
-    n = len(arrays["prompt"])
-    order = rng.permutation(n)
-    lengths = arrays["prompt_mask"].sum(axis=1)
-    for start in range(0, n, config.minibatch_size):
+def minibatches(rollout: PackedRollout, config: PPOConfig, key: jax.Array, pad_id: int = 0):
+    """Shuffled minibatches of `minibatch_size` packed sequences (a JAX key: the shuffle is part
+    of the run's checkpointed randomness), each a list of collated micro-batches. A last short
+    minibatch has fewer micro-batches; the loss is a step mean either way."""
+    order = np.asarray(jax.random.permutation(key, len(rollout.episodes)))
+    for start in range(0, len(order), config.minibatch_size):
         rows = order[start:start + config.minibatch_size]
-        rows = rows[np.argsort(lengths[rows], kind="stable")]
-        batch = {k: v[rows] for k, v in arrays.items()}
-        short = config.minibatch_size - len(rows)
-        if short:
-            batch = {k: np.concatenate([v[:1].repeat(short, 0), v]) for k, v in batch.items()}
-            batch["weight"][:short] = 0.0
-        yield micro_batches(batch, config.micro_batch_size)
-
-
-def prepare_rollout(transitions: list[Transition], final_prompts: dict[int, list[int]],
-                    actor_critic, reference, config: PPOConfig, pad_id: int, action_len: int
-                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Training arrays for one iteration, from the stored transitions.
-
-    Args:
-      transitions: collected with `agent.play(..., value_head=...)` (log-probs and values of
-        the sampling policy are stored there and used as-is).
-      final_prompts: game -> prompt ids of the state a *truncated* episode was cut at (its
-        value is the bootstrap); terminated episodes have no entry.
-      actor_critic: the current policy + value head (for the bootstrap values).
-      reference: the frozen warm-start policy (same structure) for the KL term.
-      config: PPO hyperparameters; pad_id / action_len: padding of the arrays.
-    Returns:
-      `(arrays, stats)`: arrays with prompt/action tokens and masks, old_logprob, ref_logprob,
-      old_value, advantage, return, weight (all `[N, ...]`), and rollout statistics.
-    """
-    arrays = transition_arrays([t.prompt_ids for t in transitions],
-                               [t.action_ids for t in transitions], pad_id, action_len)
-    old_logprob = np.array([t.logprob for t in transitions], np.float32)
-    old_value = np.array([t.value for t in transitions], np.float32)
-    ref_logprob = score_all(reference, arrays)[0]
-    bootstrap = {}
-    if final_prompts:
-        games = sorted(final_prompts)
-        ends = transition_arrays([final_prompts[g] for g in games], [[pad_id]] * len(games),
-                                 pad_id, action_len)
-        bootstrap = dict(zip(games, score_all(actor_critic, ends)[2].tolist()))
-    env_reward = np.array([t.reward for t in transitions], np.float32)
-    kl = np.asarray(losses.kl_k1(old_logprob, ref_logprob))
-    reward = (np.asarray(losses.kl_penalized_rewards(env_reward, old_logprob, ref_logprob,
-                                                     config.kl_coef))
-              if config.kl_in == "reward" else env_reward)
-    advantage, returns = step_advantages(transitions, reward, old_value, bootstrap,
-                                         config.gamma, config.lam)
-    if config.whiten_advantages:
-        advantage = np.asarray(losses.masked_whiten(advantage[None], np.ones((1, len(advantage)))))[0]
-    arrays.update(old_logprob=old_logprob, ref_logprob=ref_logprob, old_value=old_value,
-                  advantage=advantage.astype(np.float32), **{"return": returns.astype(np.float32)},
-                  weight=np.ones(len(transitions), np.float32))
-    explained = 1 - np.var(returns - old_value) / max(float(np.var(returns)), 1e-8)
-    stats = dict(env_reward=float(env_reward.sum()), kl_ref=float(kl.mean()),
-                 explained_variance=float(explained), transitions=len(transitions),
-                 valid_action_rate=float(np.mean([t.valid for t in transitions])))
-    return arrays, stats
+        yield [collate_steps(rollout, rows[i:i + config.micro_batch_size], pad_id)
+               for i in range(0, len(rows), config.micro_batch_size)]

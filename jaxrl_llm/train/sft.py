@@ -1,7 +1,11 @@
-"""Supervised fine-tuning of LoRA adapters on (prompt -> completion) pairs, loss on completions.
+"""Supervised fine-tuning of LoRA adapters, loss on completions only.
 
-Examples are grouped by prompt length into buckets, so a run compiles one train step per bucket
-rather than per length; the loss is the true token mean over each batch (see `train.step`).
+Two data layouts, one loss (the true token mean over each batch, see `train.step`):
+  * (prompt -> completion) pairs, grouped by prompt length into buckets (`batches`,
+    `completion_loss`), so a run compiles one train step per bucket rather than per length;
+  * packed episodes (`jaxrl_llm.packing`): a whole game in one row, the loss on every step's
+    action tokens (`episode_batches`, `packed_completion_loss`); the same tokens with the same
+    contexts as the per-step pairs, without repeating the history at every step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
+from jaxrl_llm.packing import PackedEpisode, collate, packed_forward
+from jaxrl_llm.scoring import action_logprobs
 from jaxrl_llm.train.step import micro_batches
 
 
@@ -22,9 +28,11 @@ from jaxrl_llm.train.step import micro_batches
 class SFTConfig:
     """Attributes:
       epochs: passes over the training examples.
-      batch_size: examples per optimizer step (micro_batch_size x accumulation steps).
+      batch_size: examples (or packed episodes) per optimizer step (micro_batch_size x
+        accumulation steps).
       micro_batch_size: examples per forward/backward (memory knob).
-      completion_len: padded completion width R; longer completions are an error.
+      completion_len: padded completion width R of (prompt, completion) pairs; longer
+        completions are an error.
       remat: recompute activations in the backward pass (long prompts, little memory).
       seed: shuffling seed.
     """
@@ -49,15 +57,74 @@ def completion_loss(model, batch, remat: bool = False):
       batch: dict of `prompt [b, P]` (left-padded), `prompt_mask`, `completion [b, R]`
         (right-padded), `completion_mask`.
     Returns:
-      `(nll_sum, token_count, {"loss": nll_sum, "accuracy": correct-token count})`.
+      `(nll_sum, token_count, {"loss": nll_sum, "token_accuracy": correct-token count})`.
     """
     logprobs, _, _ = score_responses(model, batch["prompt"], batch["prompt_mask"],
                                      batch["completion"], batch["completion_mask"], remat=remat)
-    mask = batch["completion_mask"].astype(jnp.float32)
-    nll = -jnp.sum(logprobs)
+    return _nll(logprobs, batch["completion_mask"])
+
+
+def _nll(logprobs, mask):
+    mask = mask.astype(jnp.float32)
+    nll = -jnp.sum(logprobs * mask)
     # log p > log 0.5 means the target was the argmax: a cheap token-accuracy proxy.
     correct = jnp.sum((logprobs > jnp.log(0.5)) * mask)
     return nll, jnp.sum(mask), {"loss": nll, "token_accuracy": correct}
+
+
+def packed_completion_loss(model, batch, remat: bool = False):
+    """`completion_loss` over packed episodes (`packing.collate`): every leaf token is a target.
+
+    Returns:
+      `(nll_sum, token_count, {"loss": nll_sum, "token_accuracy": correct-token count})`.
+    """
+    out = packed_forward(model, batch, remat=remat)
+    return _nll(out.token_logprobs, batch["target_slot"] >= 0)
+
+
+def episode_batches(episodes: Sequence[PackedEpisode], config: SFTConfig, epoch: int,
+                    pad_id: int = 0) -> Iterator[list[dict[str, np.ndarray]]]:
+    """Shuffled batches of `batch_size` packed episodes, each a list of collated micro-batches.
+
+    Episodes are sorted by length and cut into groups (little padding per micro-batch); the
+    order of the groups is shuffled per epoch (seeded by `(config.seed, epoch)`). A last short
+    group just has fewer micro-batches: the loss is a token mean, so it needs no padding rows.
+    """
+    order = np.argsort([e.num_tokens for e in episodes], kind="stable")
+    groups = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    rng = np.random.default_rng((config.seed, epoch))
+    for group in (groups[i] for i in rng.permutation(len(groups))):
+        yield [collate([episodes[i] for i in group[j:j + config.micro_batch_size]], pad_id)
+               for j in range(0, len(group), config.micro_batch_size)]
+
+
+def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequence[Sequence[int]],
+                         temperature: float = 1.0, length_norm: bool = False,
+                         pad_id: int = 0) -> dict[str, float]:
+    """How often the action-level policy's argmax is the gold action, on packed gold episodes
+    whose leaves are every valid action (`data.encode_episode(..., candidates=True)`).
+
+    Args:
+      score_fn: collated batch -> `PackedOutput` (e.g. a jitted `packing.packed_forward`).
+      gold: per episode, each step's gold leaf index (-1: not among the valid actions; skipped).
+    Returns:
+      `{"action_accuracy": ..., "gold_logprob": mean log pi(gold | s), "steps": counted}`.
+    """
+    hits, logprob, steps = 0, 0.0, 0
+    for episode, gold_index in zip(episodes, gold):
+        batch = collate([episode], pad_id)
+        out = score_fn(batch)
+        mask = batch["leaf_lengths"][0] > 0
+        logpi = np.asarray(action_logprobs(
+            np.asarray(out.scores[0]), mask, temperature,
+            batch["leaf_lengths"][0] if length_norm else None))
+        for s, g in enumerate(gold_index):
+            if g >= 0:
+                hits += int(np.argmax(logpi[s]) == g)
+                logprob += float(logpi[s, g])
+                steps += 1
+    return dict(action_accuracy=hits / max(steps, 1), gold_logprob=logprob / max(steps, 1),
+                steps=steps)
 
 
 def batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
