@@ -22,7 +22,7 @@ run: venv
 	$(BIN)/python -m experiments.textworld_ppo $(ARGS)
 
 # Two workers, each test file on one of them (a file's model fixtures load once): the suite is
-# mostly single-threaded compiles, so a second process keeps the other core busy (README: Tests).
+# mostly single-threaded compiles, so a second process keeps the other core busy (docs/testing.md).
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 

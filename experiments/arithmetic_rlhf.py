@@ -84,7 +84,7 @@ class Config:
     rl_minibatch_size: int = 32
     rl_learning_rate: float = 3e-5
     # The notebook's beta is 0.01; here PPO over-optimises the learned reward (exact correctness
-    # falls) and a stronger pull to the SFT model limits the damage (README: 0.01 / 0.1 / 0.3).
+    # falls) and a stronger pull to the SFT model limits the damage (docs/prompt_rl.md: 0.01 / 0.1 / 0.3).
     kl_coef: float = 0.3
     eval_every: int = 10  # RL iterations between held-out evaluations
     seed: int = 0

@@ -157,7 +157,7 @@ def test_group_advantages_against_numpy():
         np.testing.assert_allclose(np.asarray(group_advantages(rewards, algorithm)), reference,
                                    atol=1e-6, err_msg=algorithm)
     # RLOO is REINFORCE with the self-inclusive mean baseline scaled by k / (k - 1): under Adam
-    # (scale-invariant) without gradient clipping the two train identically (README, text_rloo).
+    # (scale-invariant) without gradient clipping the two train identically (docs/prompt_rl.md, text_rloo).
     np.testing.assert_allclose(np.asarray(group_advantages(rewards, "rloo")),
                                4 / 3 * np.asarray(group_advantages(rewards, "reinforce")),
                                atol=1e-6)
