@@ -36,6 +36,7 @@ from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import encode_episode, expert_episodes
 from jaxrl_llm.envs.textworld import PROMPT_STYLES, GameConfig, TextWorldBatch
 from jaxrl_llm.metrics import RunDir
+from jaxrl_llm.model.loading import QUANTIZE_MODES
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.packing import check_episodes, packed_forward
@@ -56,16 +57,16 @@ class Config:
     """One run. Defaults are the `cpu` preset (the default SmolLM2-135M on a 2-core CPU)."""
 
     model_path: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
-    quantize: str = "int8"
+    quantize: str = "int8"  # "int8", "int8-all" (embedding too) or "" (float weights)
     lora_rank: int = 8
     lora_alpha: float = 32.0
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
     prompt_style: str = "compact"  # "notebook": the tail lists the valid actions
-    train_games: int = 24  # gold paths of train seeds 0..N-1 for SFT
+    train_games: int = 48  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1
     eval_step_limits: tuple[int, ...] = (16, 32)
-    zero_shot_eval: bool = False  # zero-shot SmolLM2 solves 0% (README): skip it on CPU
+    zero_shot_eval: bool = False  # zero-shot SmolLM2 solves 0% (docs/textworld.md): skip it on CPU
     agent_mode: str = "score"  # how the evaluated policy acts
     collect_mode: str = "score"  # how PPO collects (and so which policy it trains)
     temperature: float = 1.0  # of the action softmax (score mode) or the sampler (generate)
@@ -74,12 +75,13 @@ class Config:
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1
     sft_learning_rate: float = 3e-4
-    # Recompute activations in the backward pass (SFT and PPO), for a few percent more time
-    # (benchmarks/train_step.py): a packed game with every candidate is ~5k tokens, whose
-    # attention activations alone would not fit in 24 GB.
-    remat: bool = True
+    # Recompute activations in the backward pass: more compute, far less memory. A packed game
+    # with every valid action as a candidate (PPO) is ~5k tokens, whose attention activations
+    # alone would not fit in 24 GB; a compact-prompt SFT game (~1.4k tokens) fits without.
+    sft_remat: bool = False
+    ppo_remat: bool = True
     ppo_iterations: int = 2
-    ppo_step_limit: int = 32  # step limit of the training games
+    ppo_step_limit: int = 16  # step limit of the training games (notebook 000's)
     ppo_epochs: int = 1
     ppo_minibatch_size: int = 2  # packed games per PPO update
     ppo_learning_rate: float = 1e-5
@@ -87,6 +89,7 @@ class Config:
     kl_coef: float = 0.2
     kl_in: str = "reward"
     num_envs: int = 4  # games stepped in lockstep (collection and evaluation)
+    cache_len: int = 8192  # KV-cache slots per game: a whole 32-step game's history
     env_workers: int = 1  # threads talking to the game engines (pays with many games + cores)
     mesh: tuple[int, ...] = (-1, 1, 1)  # data, fsdp, tensor axis sizes (-1: the rest)
     seed: int = 0
@@ -100,6 +103,12 @@ class Config:
                                      ("--collect-mode", self.collect_mode, MODES)):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        quantize_modes = [m or "" for m in QUANTIZE_MODES]  # "" = float weights
+        if self.quantize not in quantize_modes:
+            raise ValueError(f"--quantize must be one of {quantize_modes}, got "
+                             f"{self.quantize!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.dev_games < 0 or self.ppo_iterations < 0:
             raise ValueError(f"--dev-games and --ppo-iterations must be >= 0, got "
                              f"{self.dev_games} and {self.ppo_iterations}")
@@ -119,12 +128,13 @@ class Config:
         return AgentConfig(mode=self.agent_mode if use == "eval" else self.collect_mode,
                            greedy=use == "eval", temperature=self.temperature,
                            length_norm=self.length_norm, prompt_style=self.prompt_style,
-                           max_history=self.max_history, max_action_tokens=12)
+                           max_history=self.max_history, max_action_tokens=12,
+                           cache_len=self.cache_len)
 
     def sft_config(self) -> SFTConfig:
         return SFTConfig(epochs=self.sft_epochs, batch_size=self.sft_batch_size,
                          micro_batch_size=self.sft_micro_batch_size, seed=self.seed,
-                         remat=self.remat)
+                         remat=self.sft_remat)
 
     def ppo_config(self) -> PPOConfig:
         return PPOConfig(learning_rate=self.ppo_learning_rate, epochs=self.ppo_epochs,
@@ -138,13 +148,14 @@ class Config:
     def preset(cls, name: str, **overrides) -> "Config":
         presets = {
             # Byte-level ids make a whole game ~5k tokens: the tiny model keeps 2 steps.
-            "smoke": dict(model_path="tiny", quantize="int8", max_history=2, train_games=2,
+            "smoke": dict(model_path="tiny", quantize="int8", max_history=2, cache_len=4096,
+                          train_games=2,
                           dev_games=1, eval_games=2, num_envs=2, eval_step_limits=(4,),
                           sft_batch_size=4, ppo_step_limit=4, zero_shot_eval=True,
                           run_dir="runs/smoke"),
             "cpu": {},
             "gpu": dict(train_games=400, dev_games=32, eval_games=128, num_envs=32,
-                        sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4, remat=True,
+                        sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4, sft_remat=True,
                         ppo_iterations=50, ppo_epochs=2, ppo_minibatch_size=8, env_workers=16,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
         }
@@ -265,7 +276,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     actor_critic = ActorCritic(model)
     trainer = Trainer(actor_critic, make_optimizer(OptimConfig(
         learning_rate=ppo_config.learning_rate, weight_decay=0.0)),
-        functools.partial(ppo_loss, config=ppo_config, remat=config.remat), mesh=mesh)
+        functools.partial(ppo_loss, config=ppo_config, remat=config.ppo_remat), mesh=mesh)
     state = trainer.init()
     reference = packed_scorer(trainer.model(trainer.init()).lm)  # frozen warm start: KL anchor
     checkpoints = checkpointer(config)
@@ -295,7 +306,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
             steps.close()
             collect_seconds = time.time() - start
             rollout, stats = prepare_rollout(transitions, config.max_history is None, reference,
-                                             ppo_config, pad_id=pad_id)
+                                             ppo_config, model.config.max_seq_len, pad_id)
             updates = []
             for epoch, epoch_key in enumerate(jax.random.split(shuffle_key, ppo_config.epochs)):
                 for batch in tqdm(minibatches(rollout, ppo_config, epoch_key, pad_id),

@@ -150,7 +150,11 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             candidates = [[row[:n].tolist()] for row, n in zip(out.tokens, out.lengths)]
             choices, logprobs, hidden = [0] * len(actions), out.logprobs.sum(1), out.prompt_hidden
         else:
-            options = [e.valid_actions or ["look around"] for e in episodes]
+            if empty := [e.seed for e, row in zip(episodes, rows) if row and not e.valid_actions]:
+                raise ValueError(f"games of seeds {empty} offer no valid action: score mode "
+                                 "chooses among them (use mode='generate')")
+            # Rows of finished games score one placeholder: their choice is never used.
+            options = [e.valid_actions if row else ["look"] for e, row in zip(episodes, rows)]
             candidates = [[text.encode_action(tokenizer, t, a) for a in opts]
                           for t, opts in zip(tail_text, options)]
             choices, logprobs, hidden, state = _choose_by_score(model, state, tails, candidates,

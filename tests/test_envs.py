@@ -109,6 +109,27 @@ def test_bad_game_inputs():
         batch.reset([0], "valid")
     with pytest.raises(ValueError, match="num_games must be >= 1"):
         TextWorldBatch(GameConfig(), 0)
+    with pytest.raises(ValueError, match="unknown prompt style 'chat'"):
+        AgentConfig(prompt_style="chat")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        AgentConfig(temperature=0.0)
+
+
+def test_score_mode_refuses_a_state_without_valid_actions(games, monkeypatch):
+    from jaxrl_llm.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=8192), rngs=nnx.Rngs(0))
+    reset = games.reset
+
+    def no_actions(seeds, fold, gold=False):
+        episodes = reset(seeds, fold, gold)
+        episodes[1].valid_actions = []
+        return episodes
+
+    monkeypatch.setattr(games, "reset", no_actions)
+    with pytest.raises(ValueError, match=r"seeds \[22\] offer no valid action"):
+        play(model, ByteTokenizer(), games, [21, 22, 23], "train", jax.random.key(0),
+             AgentConfig(cache_len=8192))
 
 
 def test_wilson_interval():

@@ -10,7 +10,13 @@ from experiments.textworld_ppo import PRESETS, Config, main, parse_args
 pytestmark = pytest.mark.textworld
 
 
+TIMINGS = {"wall_time", "env_steps_per_s", "iteration_seconds"}
+
+
 def test_smoke_run_and_resume(tmp_path):
+    # The same run without a stop, for the exact-resume comparison below.
+    unbroken_dir = str(tmp_path / "unbroken")
+    main(Config.preset("smoke", run_dir=unbroken_dir, ppo_iterations=2))
     run_dir = str(tmp_path / "run")
     first = main(Config.preset("smoke", run_dir=run_dir, ppo_iterations=1))
     assert set(first) >= {"zero_shot", "sft", "ppo"}
@@ -19,6 +25,14 @@ def test_smoke_run_and_resume(tmp_path):
     main(Config.preset("smoke", run_dir=run_dir, ppo_iterations=2))
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["iteration"] for r in records if r["stage"] == "ppo"] == [1, 2]
+    # Game seeds, sampling and shuffles come from the checkpointed key: the resumed run's
+    # records are those of the run that never stopped, number for number.
+    unbroken = [json.loads(line) for line in open(os.path.join(unbroken_dir, "metrics.jsonl"))]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rs]
+    assert strip(records) == strip(unbroken)
+    with open(os.path.join(unbroken_dir, "eval.json")) as f, \
+            open(os.path.join(run_dir, "eval.json")) as g:
+        assert json.load(f)["ppo"] == json.load(g)["ppo"]
     sft_steps = [r for r in records if r["stage"] == "sft"]
     epochs = Config.preset("smoke").sft_epochs
     assert sft_steps and {r["epoch"] for r in sft_steps} == set(range(epochs))
@@ -50,6 +64,10 @@ def test_cli_errors():
     for flag in ("--prompt-style", "--agent-mode", "--collect-mode"):
         with pytest.raises(ValueError, match=f"{flag} must be one of"):
             parse_args(["--preset", "smoke", flag, "chat"])
+    with pytest.raises(ValueError, match="--quantize must be one of"):
+        parse_args(["--quantize", "int4"])
+    with pytest.raises(ValueError, match="--seed must be >= 0"):
+        parse_args(["--seed", "-5"])
     with pytest.raises(ValueError, match="--dev-games and --ppo-iterations must be >= 0"):
         parse_args(["--ppo-iterations", "-1"])
     # Sub-configs are validated with the run's config, before anything loads.

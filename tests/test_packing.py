@@ -136,3 +136,47 @@ def test_bad_episodes_are_refused_with_a_clear_message():
         check_episodes([packed], max_seq_len=32, vocab_size=256)
     with pytest.raises(ValueError, match="another tokenizer"):
         check_episodes([pack_episode([[300]], [[2]], [[[3]]])], max_seq_len=64, vocab_size=256)
+
+
+@pytest.mark.real_model
+@pytest.mark.textworld
+def test_packed_gold_game_equals_play_on_the_default_model():
+    """SmolLM2 int8 + nonzero LoRA, float32, a whole gold game with every valid action as a
+    candidate: the packed forward's action scores, values and argmax equal those of play's
+    path (prefill the per-step prompt into a KV cache, score the candidates against it)."""
+    from jaxrl_llm.data import encode_episode, expert_episodes
+    from jaxrl_llm.envs.textworld import GameConfig
+    from jaxrl_llm.generation import DecodeState, extend, pad_right, score_continuations
+    from jaxrl_llm.model import load_model
+    from jaxrl_llm.model.value_head import ValueHead
+
+    _, model, tokenizer = load_model(quantize="int8")
+    model = apply_lora(model, LoraConfig(rank=8, alpha=32), nnx.Rngs(0))
+    for _, variable in nnx.iter_graph(model):
+        if type(variable).__name__ == "LoraB":
+            variable[...] = 0.02 * jax.random.normal(jax.random.key(3), variable.shape)
+    head = ValueHead(model.config.d_model)
+    head.kernel[...] = 0.05 * jax.random.normal(jax.random.key(4), head.kernel.shape)
+    rows = expert_episodes(GameConfig(), range(8), "train", progress=False)
+    row = next(r for r in rows if len(r["actions"]) >= 18)
+    (packed,), gold = encode_episode(tokenizer, row, "compact", candidates=True)
+    out = packed_forward(model, jax.tree.map(jnp.asarray, collate([packed], pad_id=0)))
+    for s in range(len(packed.decisions)):
+        seen = (packed.branch == -1) & (np.arange(packed.num_tokens) < packed.decisions[s])
+        history = packed.tokens[seen].tolist()
+        tail = packed.tokens[(packed.branch == s) & (packed.leaf == -1)].tolist()
+        leaves = [packed.tokens[(packed.branch == s) & (packed.leaf == c)].tolist()
+                  for c in range(int((packed.leaf_lengths[s] > 0).sum()))]
+        state = extend(model, DecodeState.empty(model.config, 1, 2048), *pad_right([history]))
+        candidates = np.zeros((1, len(leaves), 16), np.int32)
+        mask = np.zeros(candidates.shape, bool)
+        for c, ids in enumerate(leaves):
+            candidates[0, c, :len(ids)], mask[0, c, :len(ids)] = ids, True
+        (scores, hidden), _ = score_continuations(model, state, *pad_right([tail]), candidates,
+                                                  mask)
+        np.testing.assert_allclose(np.asarray(out.scores[0, s, :len(leaves)]),
+                                   np.asarray(scores[0]), atol=1e-4, rtol=0)
+        assert int(np.argmax(out.scores[0, s, :len(leaves)])) == int(np.argmax(scores[0]))
+        np.testing.assert_allclose(float(head(out.decision_hidden[0, s])), float(head(hidden[0])),
+                                   atol=1e-4)
+    assert len(packed.decisions) >= 18 and sum(g >= 0 for g in gold) >= 17

@@ -47,7 +47,7 @@ def rollout(request):
                                      jax.random.key(0), agent,
                                      value_head=actor_critic.value_head)
     packed, stats = prepare_rollout(transitions, request.param is None,
-                                    forward_of(actor_critic.lm), CONFIG, pad_id=256)
+                                    forward_of(actor_critic.lm), CONFIG, 8192, pad_id=256)
     return actor_critic, episodes, transitions, packed, stats
 
 
@@ -213,3 +213,25 @@ def test_bad_ppo_config():
         PPOConfig(policy="token")
     with pytest.raises(ValueError, match="learning_rate and temperature must be > 0"):
         PPOConfig(learning_rate=0.0)
+
+
+def test_a_game_longer_than_the_context_is_cut_with_its_whole_history():
+    from jaxrl_llm.train.ppo import pack_rollout
+
+    rng = np.random.default_rng(5)
+    ids = lambda n: rng.integers(3, 250, n).tolist()
+    transitions = [Transition(0, s, "a", True, context_ids=ids(10), tail_ids=ids(2),
+                              candidate_ids=[ids(3), ids(4)]) for s in range(6)]
+    (whole,), _ = pack_rollout(transitions, True, max_len=10_000)
+    episodes, members = pack_rollout(transitions, True, max_len=80)
+    assert len(episodes) == 2 and all(e.num_tokens <= 80 for e in episodes)
+    assert [n for m in members for n in m] == list(range(6))
+    # Step s of a cut sequence sees the same tokens at the same positions as in the whole one.
+    for episode, group in zip(episodes, members):
+        for local, s in enumerate(group):
+            view = lambda e, b: (e.tokens[:e.decisions[b] + 1][
+                (e.branch[:e.decisions[b] + 1] == -1) | (e.branch[:e.decisions[b] + 1] == b)])
+            assert view(episode, local).tolist() == view(whole, s).tolist()
+            assert episode.positions[episode.decisions[local]] == whole.positions[whole.decisions[s]]
+    with pytest.raises(ValueError, match="more than the model's 50"):
+        pack_rollout(transitions, True, max_len=50)

@@ -11,7 +11,9 @@ from jaxrl_llm.generation import bucket_length
 from jaxrl_llm.logprobs import score_responses, token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
-from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
+from jaxrl_llm.packing import pack_episode
+from jaxrl_llm.train.sft import (SFTConfig, batches, completion_loss, episode_batches,
+                                 packed_choice_loss, packed_completion_loss)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer, micro_batches
 
 
@@ -110,3 +112,66 @@ def test_bad_sft_inputs():
     for size in (0, 3):
         with pytest.raises(ValueError, match=f"micro-batches of {size}: use a size >= 1"):
             micro_batches(rows, size)
+
+
+def random_games(n, seed=0, candidates=1):
+    rng = np.random.default_rng(seed)
+    ids = lambda lo, hi: rng.integers(3, 250, rng.integers(lo, hi)).tolist()
+    games = []
+    for _ in range(n):
+        steps = int(rng.integers(2, 5))
+        games.append(([ids(4, 20) for _ in range(steps)], [ids(1, 4) for _ in range(steps)],
+                      [[ids(1, 5) for _ in range(candidates)] for _ in range(steps)]))
+    return games
+
+
+def test_packed_sft_gradient_equals_the_per_step_gradient():
+    """The packed loss is the per-step completion loss with the history shared: same tokens,
+    same contexts, same token weighting, so the same update."""
+    games = random_games(3)
+    packed = [pack_episode(*g) for g in games]
+    prompts, completions = [], []
+    for trunk, tails, leaves in games:
+        for s in range(len(tails)):
+            prompts.append([i for chunk in trunk[:s + 1] for i in chunk] + tails[s])
+            completions.append(leaves[s][0])
+    per_step = next(batches(prompts, completions, SFTConfig(batch_size=len(prompts),
+                                                            micro_batch_size=len(prompts)), 0))
+    packed_batch = next(episode_batches(packed, SFTConfig(batch_size=3, micro_batch_size=3), 0))
+    results = []
+    for loss_fn, batch in ((completion_loss, per_step), (packed_completion_loss, packed_batch)):
+        trainer = Trainer(tiny_lora(), optax.sgd(1.0), loss_fn)
+        state, metrics = trainer.step(trainer.init(), batch)
+        results.append((state.trainable, metrics["loss"], metrics["tokens"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *results)
+
+
+def test_choice_loss_is_the_cross_entropy_over_candidates_plus_the_gold_nll():
+    games = random_games(2, seed=4, candidates=3)
+    packed = [pack_episode(*g) for g in games]
+    gold = [[s % 3 for s in range(len(g[1]))] for g in games]
+    gold[0][0] = -1  # a gold action that is not among the valid ones: skipped
+    model = tiny_lora()
+    (batch,) = next(episode_batches(packed, SFTConfig(batch_size=2, micro_batch_size=2), 0,
+                                    gold=gold))
+    loss, count, metrics = packed_choice_loss(model, jax.tree.map(jnp.asarray, batch))
+    expected, correct = 0.0, 0
+    for (trunk, tails, leaves), steps in zip(games, gold):
+        for s, g in enumerate(steps):
+            if g < 0:
+                continue
+            prompt = [i for chunk in trunk[:s + 1] for i in chunk] + tails[s]
+            scores = []
+            for ids in leaves[s]:
+                seq = jnp.asarray([prompt + ids])
+                mask = jnp.ones(seq.shape, bool)
+                logits, _, _ = model(seq, positions_from_mask(mask), causal_mask(mask))
+                scores.append(float(token_logprobs(logits[:, len(prompt) - 1:-1],
+                                                   seq[:, len(prompt):]).sum()))
+            scores = np.array(scores)
+            log_pi = scores - np.log(np.exp(scores - scores.max()).sum()) - scores.max()
+            expected += -log_pi[g] - scores[g]
+            correct += int(np.argmax(scores) == g)
+    assert float(count) == sum(g >= 0 for steps in gold for g in steps)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["choice_accuracy"]) == correct

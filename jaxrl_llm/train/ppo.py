@@ -147,37 +147,65 @@ class PackedRollout:
     steps: list[dict[str, np.ndarray]]
 
 
-def pack_rollout(transitions, shared_history: bool) -> tuple[list[PackedEpisode], list[list[int]]]:
+def pack_rollout(transitions, shared_history: bool, max_len: int
+                 ) -> tuple[list[PackedEpisode], list[list[int]]]:
     """Transitions (`agent.play`, any game order, step order within a game) -> packed sequences
     and, per sequence, the indices of its transitions in step order.
 
     `shared_history` (play kept the whole history): one sequence per game, its trunk the
-    concatenated `context_ids`; otherwise (a sliding window) one sequence per step.
+    concatenated `context_ids`; otherwise (a sliding window) one sequence per step. A game
+    whose sequence would pass `max_len` tokens is cut into several, each later one starting
+    with the whole history before its first step (so every step still sees all of it).
     """
     groups: dict = {}
     for n, t in enumerate(transitions):
         groups.setdefault(t.game if shared_history else n, []).append(n)
-    members = [sorted(g, key=lambda n: transitions[n].step) for g in groups.values()]
-    episodes = [pack_episode([transitions[n].context_ids for n in g],
-                             [transitions[n].tail_ids for n in g],
-                             [transitions[n].candidate_ids for n in g]) for g in members]
+    episodes, members = [], []
+    for group in groups.values():
+        group = sorted(group, key=lambda n: transitions[n].step)
+        history: list[int] = []
+        start = 0
+        for i in range(1, len(group)):
+            if _packed_len(transitions, group[start:i + 1], history) > max_len:
+                episodes.append(_pack(transitions, group[start:i], history))
+                members.append(group[start:i])
+                history = history + [x for m in group[start:i] for x in transitions[m].context_ids]
+                start = i
+        episodes.append(_pack(transitions, group[start:], history))
+        members.append(group[start:])
+    if too_long := [e.num_tokens for e in episodes if e.num_tokens > max_len]:
+        raise ValueError(f"a step with its whole history needs {max(too_long)} tokens, more than "
+                         f"the model's {max_len}: play shorter games (step limit) or keep a "
+                         "sliding history (max_history)")
     return episodes, members
 
 
+def _packed_len(transitions, group, history) -> int:
+    return len(history) + sum(len(transitions[n].context_ids) + len(transitions[n].tail_ids)
+                              + sum(map(len, transitions[n].candidate_ids)) for n in group)
+
+
+def _pack(transitions, group, history) -> PackedEpisode:
+    trunk = [transitions[n].context_ids for n in group]
+    trunk[0] = history + trunk[0]
+    return pack_episode(trunk, [transitions[n].tail_ids for n in group],
+                        [transitions[n].candidate_ids for n in group])
+
+
 def prepare_rollout(transitions, shared_history: bool, reference_forward, config: PPOConfig,
-                    pad_id: int = 0) -> tuple[PackedRollout, dict[str, float]]:
+                    max_len: int, pad_id: int = 0) -> tuple[PackedRollout, dict[str, float]]:
     """The update's data for one iteration, from the stored transitions.
 
     Args:
       transitions: collected with `agent.play(..., value_head=...)`; their log-probs, values
         and bootstrap values are of the sampling policy and used as-is.
-      shared_history: see `pack_rollout`.
+      shared_history, max_len: see `pack_rollout` (max_len: the model's context).
       reference_forward: collated batch -> `packing.PackedOutput` of the frozen warm start.
       config: PPO hyperparameters; pad_id: padding token of the packed rows.
     Returns:
       `(rollout, stats)`.
     """
-    episodes, members = pack_rollout(transitions, shared_history)
+    episodes, members = pack_rollout(transitions, shared_history, max_len)
     ref_logprob = np.zeros(len(transitions), np.float32)
     ref_logpi = []
     for episode, group in zip(episodes, members):

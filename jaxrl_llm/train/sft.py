@@ -82,20 +82,59 @@ def packed_completion_loss(model, batch, remat: bool = False):
     return _nll(out.token_logprobs, batch["target_slot"] >= 0)
 
 
+def packed_choice_loss(model, batch, temperature: float = 1.0, length_norm: bool = False,
+                       remat: bool = False):
+    """Cross-entropy of the action-level policy on gold steps, plus the gold action's NLL.
+
+    Packed episodes whose leaves are every valid action (`data.encode_episode(...,
+    candidates=True)`) and `batch["gold"] [B, S]` (the gold leaf, -1 to skip): per step
+    -log pi(gold | s) - log p(gold tokens | s). The first term trains the decision itself (it
+    pushes down the valid actions that were not taken), the second keeps the gold action's
+    text likely, as the completion loss does.
+
+    Returns:
+      `(loss_sum, gold_step_count, {"loss", "choice_nll", "choice_accuracy"})`.
+    """
+    out = packed_forward(model, batch, remat=remat)
+    mask = batch["leaf_lengths"] > 0
+    logpi = action_logprobs(out.scores, mask, temperature,
+                            batch["leaf_lengths"] if length_norm else None)
+    logpi = jnp.where(mask, logpi, -1e9)  # padded slots: finite, never the argmax
+    gold = jnp.maximum(batch["gold"], 0)[..., None]
+    valid = (batch["gold"] >= 0).astype(jnp.float32)
+    choice_nll = -jnp.sum(jnp.take_along_axis(logpi, gold, axis=-1)[..., 0] * valid)
+    token_nll = -jnp.sum(jnp.take_along_axis(out.scores, gold, axis=-1)[..., 0] * valid)
+    correct = jnp.sum((jnp.argmax(logpi, axis=-1) == gold[..., 0]) * valid)
+    loss = choice_nll + token_nll
+    return loss, jnp.sum(valid), {"loss": loss, "choice_nll": choice_nll,
+                                  "choice_accuracy": correct}
+
+
 def episode_batches(episodes: Sequence[PackedEpisode], config: SFTConfig, epoch: int,
-                    pad_id: int = 0) -> Iterator[list[dict[str, np.ndarray]]]:
+                    pad_id: int = 0, gold: Sequence[Sequence[int]] | None = None
+                    ) -> Iterator[list[dict[str, np.ndarray]]]:
     """Shuffled batches of `batch_size` packed episodes, each a list of collated micro-batches.
 
     Episodes are sorted by length and cut into groups (little padding per micro-batch); the
     order of the groups is shuffled per epoch (seeded by `(config.seed, epoch)`). A last short
     group just has fewer micro-batches: the loss is a token mean, so it needs no padding rows.
+    With `gold` (per episode, each step's gold leaf), batches also hold `gold [B, S]` (-1 on
+    padded steps) for `packed_choice_loss`.
     """
     order = np.argsort([e.num_tokens for e in episodes], kind="stable")
     groups = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     rng = np.random.default_rng((config.seed, epoch))
     for group in (groups[i] for i in rng.permutation(len(groups))):
-        yield [collate([episodes[i] for i in group[j:j + config.micro_batch_size]], pad_id)
-               for j in range(0, len(group), config.micro_batch_size)]
+        micros = []
+        for j in range(0, len(group), config.micro_batch_size):
+            rows = group[j:j + config.micro_batch_size]
+            micro = collate([episodes[i] for i in rows], pad_id)
+            if gold is not None:
+                micro["gold"] = np.full(micro["step_mask"].shape, -1, np.int32)
+                for r, i in enumerate(rows):
+                    micro["gold"][r, :len(gold[i])] = gold[i]
+            micros.append(micro)
+        yield micros
 
 
 def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequence[Sequence[int]],
@@ -108,23 +147,26 @@ def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequ
       score_fn: collated batch -> `PackedOutput` (e.g. a jitted `packing.packed_forward`).
       gold: per episode, each step's gold leaf index (-1: not among the valid actions; skipped).
     Returns:
-      `{"action_accuracy": ..., "gold_logprob": mean log pi(gold | s), "steps": counted}`.
+      `{"action_accuracy": ..., "gold_logprob": mean log pi(gold | s), "steps": counted,
+      "other_norm_accuracy": the accuracy with length normalisation flipped}` (the same
+      forward answers both, so each run measures that lever too).
     """
-    hits, logprob, steps = 0, 0.0, 0
+    hits, other, logprob, steps = 0, 0, 0.0, 0
     for episode, gold_index in zip(episodes, gold):
         batch = collate([episode], pad_id)
-        out = score_fn(batch)
-        mask = batch["leaf_lengths"][0] > 0
-        logpi = np.asarray(action_logprobs(
-            np.asarray(out.scores[0]), mask, temperature,
-            batch["leaf_lengths"][0] if length_norm else None))
+        scores = np.asarray(score_fn(batch).scores[0])
+        mask, lengths = batch["leaf_lengths"][0] > 0, batch["leaf_lengths"][0]
+        policy = lambda norm: np.asarray(action_logprobs(scores, mask, temperature,
+                                                         lengths if norm else None))
+        logpi, flipped = policy(length_norm), policy(not length_norm)
         for s, g in enumerate(gold_index):
             if g >= 0:
                 hits += int(np.argmax(logpi[s]) == g)
+                other += int(np.argmax(flipped[s]) == g)
                 logprob += float(logpi[s, g])
                 steps += 1
     return dict(action_accuracy=hits / max(steps, 1), gold_logprob=logprob / max(steps, 1),
-                steps=steps)
+                steps=steps, other_norm_accuracy=other / max(steps, 1))
 
 
 def batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
