@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 
 from flax import nnx
 
@@ -13,27 +15,49 @@ from jaxrl_llm.model.quant import quantize_model
 from jaxrl_llm.text import ByteTokenizer
 
 
+def field_docs(cls) -> dict[str, str]:
+    """Each field's documentation as written in the class: its trailing `# comment`, or else
+    the comment lines just above it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs, above = {}, []
+    for line in inspect.getsourcelines(cls)[0]:
+        line = line.strip()
+        if line.startswith("#"):
+            above.append(line.lstrip("#").strip())
+            continue
+        match = re.match(r"(\w+)\s*:[^=]*=[^#]*(?:#\s*(.*))?$", line)
+        if match and match.group(1) in names:
+            docs[match.group(1)] = match.group(2) or " ".join(above)
+        above = []
+    return docs
+
+
 def config_parser(defaults, description: str, label: str = "default",
                   types: dict[str, type] | None = None) -> argparse.ArgumentParser:
     """One `--field-name` flag per field of the dataclass instance `defaults`.
 
     Booleans get `--x / --no-x`, tuples take several values (of their first element's type),
     fields whose default is None take `types[name]` (else str). Every flag defaults to None, so
-    `config_overrides` returns only what was given; the help shows `label: <default>`.
+    `config_overrides` returns only what was given; the help shows the field's documentation
+    (`field_docs`) and `(label: <default>)`.
     """
     types = types or {}
+    docs = field_docs(type(defaults))
     parser = argparse.ArgumentParser(description=description)
     for field in dataclasses.fields(defaults):
         value, flag = getattr(defaults, field.name), f"--{field.name.replace('_', '-')}"
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        # argparse %-formats help strings.
+        help_text = f"{docs.get(field.name, '')} ({label}: {shown})".strip().replace("%", "%%")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{label}: {value}")
+                                help=help_text)
         elif isinstance(value, tuple):
             parser.add_argument(flag, type=type(value[0]) if value else str, nargs="+",
-                                default=None, help=f"{label}: {' '.join(map(str, value))}")
+                                default=None, help=help_text)
         else:
             kind = types.get(field.name, str) if value is None else type(value)
-            parser.add_argument(flag, type=kind, default=None, help=f"{label}: {value}")
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
     return parser
 
 

@@ -58,42 +58,42 @@ class Config:
 
     model_path: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
     quantize: str = "int8"  # "int8", "int8-all" (embedding too) or "" (float weights)
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
+    lora_rank: int = 8  # LoRA rank r of every adapted linear layer
+    lora_alpha: float = 32.0  # LoRA scale alpha (the update is alpha / r * B A)
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
     prompt_style: str = "compact"  # "notebook": the tail lists the valid actions
     train_games: int = 48  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1
-    eval_step_limits: tuple[int, ...] = (16, 32)
-    zero_shot_eval: bool = False  # zero-shot SmolLM2 solves 0% (docs/textworld.md): skip it on CPU
+    eval_step_limits: tuple[int, ...] = (16, 32)  # evaluation step limits (one play, cut)
+    zero_shot_eval: bool = False  # also evaluate the base model (0% here: docs/textworld.md)
     agent_mode: str = "score"  # how the evaluated policy acts
     collect_mode: str = "score"  # how PPO collects (and so which policy it trains)
     temperature: float = 1.0  # of the action softmax (score mode) or the sampler (generate)
     length_norm: bool = False  # score mode: per-token mean action log-probs
-    sft_epochs: int = 2
+    sft_epochs: int = 2  # passes over the SFT games
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
-    sft_micro_batch_size: int = 1
-    sft_learning_rate: float = 3e-4
+    sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
+    sft_learning_rate: float = 3e-4  # AdamW peak learning rate (warmup, then linear decay)
     # Recompute activations in the backward pass: more compute, far less memory. A packed game
     # with every valid action as a candidate (PPO) is ~5k tokens, whose attention activations
     # alone would not fit in 24 GB; a compact-prompt SFT game (~1.4k tokens) fits without.
-    sft_remat: bool = False
-    ppo_remat: bool = True
-    ppo_iterations: int = 2
+    sft_remat: bool = False  # recompute activations in SFT's backward pass
+    ppo_remat: bool = True  # recompute activations in the PPO updates' backward pass
+    ppo_iterations: int = 2  # collect + update rounds
     ppo_step_limit: int = 16  # step limit of the training games (notebook 000's)
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over each iteration's games
     ppo_minibatch_size: int = 2  # packed games per PPO update
-    ppo_learning_rate: float = 1e-5
+    ppo_learning_rate: float = 1e-5  # Adam learning rate of the PPO updates
     eval_every: int = 0  # PPO iterations between held-out evals for `best` (0: only at the end)
-    kl_coef: float = 0.2
-    kl_in: str = "reward"
+    kl_coef: float = 0.2  # weight of the KL to the frozen SFT policy
+    kl_in: str = "reward"  # "reward" (k1 penalty per step) or "loss" (exact KL term)
     num_envs: int = 4  # games stepped in lockstep (collection and evaluation)
     cache_len: int = 8192  # KV-cache slots per game: a whole 32-step game's history
     env_workers: int = 1  # threads talking to the game engines (pays with many games + cores)
     mesh: tuple[int, ...] = (-1, 1, 1)  # data, fsdp, tensor axis sizes (-1: the rest)
-    seed: int = 0
-    run_dir: str = "runs/textworld_ppo"
+    seed: int = 0  # model init, SFT shuffles and the run's JAX key
+    run_dir: str = "runs/textworld_ppo"  # outputs; rerun with the same one to resume
 
     def __post_init__(self):
         require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",

@@ -169,6 +169,9 @@ def next_step_values(values: chex.Array, mask: chex.Array,
     Skips masked positions (padding, observation tokens between turns); after a row's last valid
     position it is `bootstrap_values` (the value of the state the window was cut at), default 0:
     at token level the response ended, so the last real token has no future value.
+    A cut *inside* a row (a truncated episode followed by another in the same row) is not
+    known here: its entry is the next episode's first value. Set `next_values` at such steps
+    to the value of the state the episode was cut at yourself, and pass `truncated` to `gae`.
 
     Args:
       values: `[B, T]` V(s_t); mask: `[B, T]`; bootstrap_values: `[B]` or None (zeros).
@@ -191,7 +194,7 @@ def next_step_values(values: chex.Array, mask: chex.Array,
 
 
 def gae(rewards: chex.Array, values: chex.Array, next_values: chex.Array,
-        terminated: chex.Array, mask: chex.Array, gamma: float, lam: float,
+        terminated: chex.Array, mask: chex.Array, *, gamma: float, lam: float,
         truncated: chex.Array | None = None) -> tuple[chex.Array, chex.Array]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16), batch-major.
 
@@ -212,7 +215,9 @@ def gae(rewards: chex.Array, values: chex.Array, next_values: chex.Array,
         row's end; token level: `next_step_values(values, mask)` (the response ends: 0).
       terminated: `[B, T]` 1 where the episode ended at step t (success / failure / EOS).
       mask: `[B, T]` 1 on real steps; advantages and returns are 0 elsewhere.
-      gamma: discount in [0, 1]; lam: GAE lambda in [0, 1].
+      gamma: discount in [0, 1]; lam: GAE lambda in [0, 1] (keyword-only, as `truncated`:
+        other libraries order the arrays differently, and a positional call must not run
+        with a flag array taken for another).
       truncated: `[B, T]` 1 where the episode was cut at step t and a new one starts at t'
         (no advantage flows back across it). None: no episode is cut before its row's last
         valid step (the window end needs no flag: nothing follows it).

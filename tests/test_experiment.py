@@ -1,5 +1,6 @@
 """The main job end to end on the smoke preset (tiny random model, real games), with resume."""
 
+import dataclasses
 import json
 import os
 
@@ -77,6 +78,16 @@ def test_cli_errors():
         parse_args(["--ppo-learning-rate", "0"])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         parse_args(["--temperature", "0"])
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sft-epochs SFT_EPOCHS passes over the SFT games (cpu preset: 2)" in text
+    # A field documented by the comment block above it.
+    assert "--cache-len CACHE_LEN KV-cache slots per game" in text
+    assert text.count("(cpu preset:") == len(dataclasses.fields(Config))
 
 
 def test_presets_are_valid_configs():

@@ -144,7 +144,7 @@ def random_rollout(rng, batch=6, length=10):
 
 
 def call_gae(rewards, values, next_values, terminated, truncated, mask, gamma=0.97, lam=0.9):
-    return losses.gae(rewards, values, next_values, terminated, mask, gamma, lam,
+    return losses.gae(rewards, values, next_values, terminated, mask, gamma=gamma, lam=lam,
                       truncated=truncated)
 
 
@@ -201,7 +201,8 @@ def test_gae_truncation_inside_the_window_equals_two_rlax_segments():
     truncated = np.zeros(8, np.float32)
     truncated[3] = 1.0
     ours, _ = losses.gae(rewards[None], values[None], next_values[None],
-                         np.zeros((1, 8)), np.ones((1, 8)), 0.9, 0.8, truncated=truncated[None])
+                         np.zeros((1, 8)), np.ones((1, 8)), gamma=0.9, lam=0.8,
+                         truncated=truncated[None])
     np.testing.assert_allclose(np.asarray(ours[0]), np.concatenate([first, second]), atol=1e-5)
 
 
@@ -579,6 +580,13 @@ def test_reinforce_gradient_and_no_gradient_into_the_baseline():
 
 
 # ---------------------------------------------------------------- errors for people
+
+
+def test_gae_flags_are_keyword_only():
+    # rlax-style positional (..., discount, lambda) or (..., terminated, truncated, ...) calls
+    # must fail loudly rather than take a flag array for another.
+    with pytest.raises(TypeError):
+        losses.gae(*[jnp.ones((1, 2))] * 6, 0.9)
 
 
 @pytest.mark.parametrize("call,message", [

@@ -144,6 +144,8 @@ def test_last_token_rewards_hand_case():
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
     out = last_token_rewards(np.array([2.0, -1.0, 5.0]), mask)
     np.testing.assert_array_equal(np.asarray(out), [[0, 0, 2, 0], [-1, 0, 0, 0], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="needs right-padded masks"):
+        last_token_rewards(np.array([1.0]), np.array([[0, 1, 1]], bool))
 
 
 def test_group_advantages_against_numpy():

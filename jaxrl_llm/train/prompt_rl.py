@@ -250,7 +250,13 @@ def last_token_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
 
     Args: rewards `[N]`; mask `[N, R]` right-padded (True up to the stop token).
     Returns: `[N, R]` float32; an all-False row gets no reward.
+    Raises: on a concrete mask that is not right-padded (the reward would land on padding).
     """
+    if not isinstance(mask, jax.core.Tracer):
+        host = np.asarray(mask, bool)
+        if np.any(host != (np.arange(host.shape[1]) < host.sum(1, keepdims=True))):
+            raise ValueError("last_token_rewards needs right-padded masks (each row's real "
+                             "tokens first); a left-padded row would get its reward on padding")
     lengths = jnp.sum(jnp.asarray(mask, jnp.int32), axis=1)
     # one_hot of -1 is all zeros: an empty row gets nothing.
     return jax.nn.one_hot(lengths - 1, mask.shape[1]) * jnp.asarray(rewards, jnp.float32)[:, None]
