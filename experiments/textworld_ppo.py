@@ -238,7 +238,7 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
     if restored:  # a resumed run: the warm start (and KL anchor) is the saved one
         print(f"loaded the SFT adapters from {checkpoints.directory}")
-        return trainer.model(restored[0]), checkpoints.record()["seconds"]
+        return trainer.model(restored[0]), restored[2]["seconds"]
     start = time.time()
     tokens = sum(e.num_tokens for e in episodes)
     print(f"SFT on {len(episodes)} sequences ({tokens} tokens, "
@@ -282,16 +282,17 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     checkpoints = checkpointer(config)
     fp = fingerprint(actor_critic)
     restored = checkpoints.restore(state, key, fp)
+    done = 0
     if restored:
         state, key, record = restored
-        print(f"resumed PPO from iteration {record['iteration']} ({checkpoints.directory})")
+        done = record["iteration"]
+        print(f"resumed PPO from iteration {done} ({checkpoints.directory})")
     agent = config.agent("collect")
     pad_id = tokenizer.eos_token_id
-    bar = tqdm(total=config.ppo_iterations, initial=_iteration(checkpoints), desc="PPO",
-               unit="iter")
+    bar = tqdm(total=config.ppo_iterations, initial=done, desc="PPO", unit="iter")
     with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs,
                         workers=config.env_workers) as games:
-        for iteration in range(_iteration(checkpoints), config.ppo_iterations):
+        for iteration in range(done, config.ppo_iterations):
             start = time.time()
             # Game seeds, sampling and shuffles all come from the checkpointed key.
             key, seed_key, play_key, shuffle_key = jax.random.split(key, 4)
@@ -336,11 +337,6 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
             bar.set_postfix(score=f"{record['mean_score']:.2f}", kl=f"{record['kl_ref']:.3f}")
     bar.close()
     return trainer.model(state).lm
-
-
-def _iteration(checkpoints: Checkpointer) -> int:
-    record = checkpoints.record()
-    return record["iteration"] if record else 0
 
 
 def main(config: Config) -> dict:

@@ -2,14 +2,18 @@
 PRNG key, and a JSON record of the run (config, model fingerprint, metrics).
 
 Two slots: `latest` (resume after a crash or Ctrl-C) and `best` (by a metric, for evaluation).
-The frozen base is never written: it is reloaded from the model file, and the fingerprint makes
-restoring adapters onto another model a clear error instead of silent garbage.
+Each keeps its last two checkpoints, and each checkpoint's record holds a sha256 of its arrays:
+a restore verifies it, and a damaged or partial checkpoint is named in one warning line and
+the previous one is used instead. The frozen base is never written: it is reloaded from the
+model file, and the fingerprint makes restoring adapters onto another model a clear error
+instead of silent garbage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import jax
@@ -19,12 +23,24 @@ from flax import nnx
 
 from jaxrl_llm.train.step import TrainState
 
+logger = logging.getLogger(__name__)
+KEEP = 2  # checkpoints kept per slot: the newest, and one to fall back to
+
 
 def fingerprint(model: nnx.Module) -> str:
     """A short description of the model's parameter shapes (what adapters depend on)."""
     config = getattr(model, "config", None)
     shapes = jax.tree.map(lambda x: list(x.shape), nnx.state(model, nnx.LoRAParam).to_pure_dict())
     return json.dumps({"config": repr(config), "lora": shapes}, sort_keys=True)
+
+
+def _digest(tree) -> str:
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
 
 
 def policy_identity(model: nnx.Module) -> dict:
@@ -34,13 +50,8 @@ def policy_identity(model: nnx.Module) -> dict:
     checkpoint retrained to the same values (same data, seed and program) resumes the record,
     and any other weights start a record of their own.
     """
-    adapters = nnx.state(model, nnx.LoRAParam).to_pure_dict()
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]:
-        leaf = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return dict(fingerprint=fingerprint(model), adapters=digest.hexdigest())
+    return dict(fingerprint=fingerprint(model),
+                adapters=_digest(nnx.state(model, nnx.LoRAParam).to_pure_dict()))
 
 
 def _to_tree(state: TrainState, key: jax.Array) -> dict:
@@ -49,7 +60,7 @@ def _to_tree(state: TrainState, key: jax.Array) -> dict:
 
 
 class Checkpointer:
-    """`save(step, state, key, record)`, `save_best(...)`, `restore(template, key) -> ...`."""
+    """`save(state, key, record, slot)`, `record(slot)`, `restore(template, key, fingerprint)`."""
 
     def __init__(self, directory: str):
         directory = os.path.abspath(directory)
@@ -58,7 +69,7 @@ class Checkpointer:
         except OSError as error:
             raise OSError(f"cannot create checkpoint directory {directory}: {error}") from error
         self.directory = directory
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=KEEP, create=True)
         self._managers = {slot: ocp.CheckpointManager(os.path.join(directory, slot),
                                                       options=options)
                           for slot in ("latest", "best")}
@@ -66,35 +77,63 @@ class Checkpointer:
     def save(self, state: TrainState, key: jax.Array, record: dict, slot: str = "latest") -> None:
         """Write `state`, `key` and the JSON `record` (config, fingerprint, metrics) to `slot`."""
         manager = self._managers[slot]
-        manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_tree(state, key)),
-            record=ocp.args.JsonSave(record)), force=True)
-        manager.wait_until_finished()
+        tree = _to_tree(state, key)
+        try:
+            manager.save(int(state.step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree),
+                record=ocp.args.JsonSave(dict(record, digest=_digest(tree)))), force=True)
+            manager.wait_until_finished()
+        except OSError as error:
+            raise OSError(f"could not write a checkpoint to {manager.directory} ({error}); the "
+                          "previous checkpoints are kept: free disk space or use another "
+                          "--run-dir, then rerun to resume") from error
+
+    def _records(self, slot: str):
+        """(step, record) of each checkpoint in `slot` whose record reads, newest first."""
+        manager = self._managers[slot]
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                yield step, manager.restore(step, args=ocp.args.Composite(
+                    record=ocp.args.JsonRestore()))["record"]
+            except Exception as error:  # a partial or damaged checkpoint: try the previous one
+                logger.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
+                               manager.directory, step, type(error).__name__)
 
     def record(self, slot: str = "latest") -> dict | None:
-        """The JSON record of the newest checkpoint in `slot`, or None if there is none."""
-        manager = self._managers[slot]
-        step = manager.latest_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.Composite(
-            record=ocp.args.JsonRestore()))["record"]
+        """The JSON record of the newest readable checkpoint in `slot`, or None."""
+        return next((record for _, record in self._records(slot)), None)
 
     def restore(self, template: TrainState, key: jax.Array, fingerprint_: str,
                 slot: str = "latest") -> tuple[TrainState, jax.Array, dict] | None:
-        """Restore into the structure of `template`; None if the slot is empty.
+        """Restore the newest intact checkpoint of `slot` into the structure of `template`;
+        None if the slot is empty.
 
-        Raises ValueError if the checkpoint was written for another model.
+        A checkpoint whose arrays do not read or do not match their digest is named in a
+        warning and the previous one is tried. Raises ValueError if the checkpoint was written
+        for another model, or if no checkpoint in the slot is intact.
         """
-        record = self.record(slot)
-        if record is None:
-            return None
-        if record.get("fingerprint") != fingerprint_:
-            raise ValueError(f"checkpoint in {self.directory}/{slot} belongs to another model or "
-                             "LoRA config; use a new --run-dir or the matching model")
-        manager = self._managers[slot]
-        tree = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_to_tree(template, key))))["state"]
+        manager, damaged = self._managers[slot], []
+        for step, record in self._records(slot):
+            if record.get("fingerprint") != fingerprint_:
+                raise ValueError(f"checkpoint in {self.directory}/{slot} belongs to another "
+                                 "model or LoRA config; use a new --run-dir or the matching "
+                                 "model")
+            try:
+                tree = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_to_tree(template, key))))["state"]
+                intact = record.get("digest") in (None, _digest(tree))
+            except Exception:
+                intact = False
+            if intact:
+                break
+            damaged.append(step)
+            logger.warning("checkpoint %s/%d is damaged (its arrays do not match their "
+                           "digest); trying the previous one", manager.directory, step)
+        else:
+            if not damaged:
+                return None
+            raise ValueError(f"no intact checkpoint in {manager.directory} (damaged: steps "
+                             f"{damaged}): delete that directory to start this stage afresh")
         trainable = template.trainable
         nnx.replace_by_pure_dict(trainable, tree["trainable"])
         rng = template.rng

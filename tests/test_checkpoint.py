@@ -1,5 +1,8 @@
 """Checkpoints: resuming gives exactly the losses of a run that never stopped."""
 
+import logging
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +75,64 @@ def test_policy_identity_follows_the_adapter_values():
     nnx.update(same, state)
     assert policy_identity(same)["fingerprint"] == policy_identity(model)["fingerprint"]
     assert policy_identity(same)["adapters"] != policy_identity(model)["adapters"]
+
+
+def _flip_bytes(directory):
+    """Damage every array file below `directory` (as a bad disk or a cut copy would)."""
+    hit = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if "record" in root or name.endswith((".json", "_METADATA")) or \
+                    os.path.getsize(path) < 64:
+                continue
+            with open(path, "r+b") as f:
+                data = bytearray(f.read())
+                for i in range(16, len(data), 97):
+                    data[i] ^= 0xFF
+                f.seek(0)
+                f.write(data)
+            hit += 1
+    assert hit
+
+
+def _saved(tmp_path, steps):
+    trainer, model = make_trainer()
+    checkpointer = Checkpointer(str(tmp_path))
+    state = trainer.init()
+    for _ in range(steps):
+        state, _ = run(trainer, state, 1)
+        checkpointer.save(state, jax.random.key(int(state.step)),
+                          {"fingerprint": fingerprint(model), "step": int(state.step)})
+    return trainer, model, checkpointer
+
+
+def test_two_checkpoints_are_kept_and_a_damaged_one_falls_back(tmp_path, caplog):
+    trainer, model, checkpointer = _saved(tmp_path, 3)
+    assert sorted(os.listdir(tmp_path / "latest")) == ["2", "3"]
+    _flip_bytes(tmp_path / "latest" / "3")
+    with caplog.at_level(logging.WARNING):
+        state, key, record = checkpointer.restore(trainer.init(), jax.random.key(0),
+                                                  fingerprint(model))
+    assert record["step"] == 2 and int(state.step) == 2
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(2)))
+    assert any("latest/3 is" in r.getMessage() for r in caplog.records)
+    _flip_bytes(tmp_path / "latest" / "2")
+    with pytest.raises(ValueError, match="no intact checkpoint in .*latest .*delete"):
+        checkpointer.restore(trainer.init(), jax.random.key(0), fingerprint(model))
+
+
+def test_an_unwritable_checkpoint_keeps_the_previous_ones(tmp_path, monkeypatch):
+    trainer, model, checkpointer = _saved(tmp_path, 1)
+    manager = checkpointer._managers["latest"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager, "save", disk_full)
+    state, _ = run(trainer, trainer.init(), 2)
+    with pytest.raises(OSError, match="previous checkpoints are kept.*rerun to resume"):
+        checkpointer.save(state, jax.random.key(0), {"fingerprint": fingerprint(model)})
+    monkeypatch.undo()
+    _, _, record = checkpointer.restore(trainer.init(), jax.random.key(0), fingerprint(model))
+    assert record["step"] == 1
