@@ -44,7 +44,7 @@ from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
 from jaxrl_llm.train.sft import (SFTConfig, episode_batches, gold_action_accuracy,
                                  packed_completion_loss)
-from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
+from jaxrl_llm.train.step import NonFiniteGuard, OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu", "gpu")
 CURVES = ("mean_score", "success_rate", "env_reward", "kl_ref", "entropy", "clip_fraction",
@@ -244,10 +244,12 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     print(f"SFT on {len(episodes)} sequences ({tokens} tokens, "
           f"{sum(len(e.targets) for e in episodes)} action tokens)", flush=True)
     bar = tqdm(total=steps_per_epoch * config.sft_epochs, desc="SFT", unit="step")
+    guard = NonFiniteGuard()
     for epoch in range(config.sft_epochs):
         for batch in episode_batches(episodes, sft_config, epoch, pad_id=tokenizer.eos_token_id):
             state, metrics = trainer.step(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
+            guard(metrics, f"SFT step {int(state.step)}")
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
             log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
@@ -290,6 +292,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
     agent = config.agent("collect")
     pad_id = tokenizer.eos_token_id
     bar = tqdm(total=config.ppo_iterations, initial=done, desc="PPO", unit="iter")
+    guard = NonFiniteGuard()
     with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs,
                         workers=config.env_workers) as games:
         for iteration in range(done, config.ppo_iterations):
@@ -316,6 +319,7 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
                                   unit="minibatch"):
                     state, metrics = trainer.step(state, batch)
                     updates.append({k: float(v) for k, v in metrics.items()})
+                    guard(updates[-1], f"PPO iteration {iteration + 1}")
             record = dict(stage="ppo", iteration=iteration + 1, **stats,
                           **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]},
                           success_rate=float(np.mean([e.success for e in episodes])),

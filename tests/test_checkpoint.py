@@ -136,3 +136,33 @@ def test_an_unwritable_checkpoint_keeps_the_previous_ones(tmp_path, monkeypatch)
     monkeypatch.undo()
     _, _, record = checkpointer.restore(trainer.init(), jax.random.key(0), fingerprint(model))
     assert record["step"] == 1
+
+
+def test_a_non_finite_update_is_skipped_and_a_streak_stops_the_run():
+    from jaxrl_llm.train.step import NonFiniteGuard
+
+    def scaled_loss(model, batch):
+        loss, count, metrics = next_token_loss(model, batch)
+        return loss * batch["scale"][0], count, metrics
+
+    model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    apply_lora(model, LoraConfig(rank=4), nnx.Rngs(1))
+    trainer = Trainer(model, make_optimizer(OptimConfig(learning_rate=1e-2)), scaled_loss)
+    state = trainer.init()
+    good = dict(BATCH, scale=jnp.ones((2, 1)))  # [micro-batch, row]
+    state, metrics = trainer.step(state, good)  # a real update first: Adam moments are nonzero
+    before = jax.tree.map(np.asarray, (state.trainable, state.opt_state))
+    poisoned = dict(BATCH, scale=jnp.full((2, 1), jnp.nan))  # e.g. a NaN reward
+    state, metrics = trainer.step(state, poisoned)
+    assert float(metrics["skipped"]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, before,
+                 jax.tree.map(np.asarray, (state.trainable, state.opt_state)))
+    guard = NonFiniteGuard(limit=3)
+    guard({"skipped": 1.0}, "PPO iteration 1")
+    guard({"skipped": 0.0}, "PPO iteration 1")  # a good update ends the streak
+    guard({"skipped": 1.0}, "PPO iteration 2")
+    guard({"skipped": 1.0}, "PPO iteration 2")
+    with pytest.raises(RuntimeError, match="3 updates in a row had a non-finite loss"):
+        guard({"skipped": 1.0}, "PPO iteration 2")
+    state, metrics = trainer.step(state, good)
+    assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))

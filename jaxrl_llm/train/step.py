@@ -227,6 +227,33 @@ def _update(optimizer, state: TrainState, rng, accumulated):
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
+    # A non-finite loss or gradient would poison the adapters and Adam's moments for good:
+    # that update is skipped (the step still counts) and reported.
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                                  for x in jax.tree.leaves((grads, metric_sums))]))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
     metrics = {name: value / count for name, value in metric_sums.items()}
-    metrics.update(grad_norm=optax.tree.norm(grads), tokens=count)
+    metrics.update(grad_norm=optax.tree.norm(grads), tokens=count,
+                   skipped=1.0 - finite.astype(jnp.float32))
     return TrainState(trainable, opt_state, rng, state.step + 1), metrics
+
+
+class NonFiniteGuard:
+    """Stops a run after `limit` updates in a row were skipped for a non-finite loss or
+    gradient (`Trainer.step`'s `skipped` metric): one is noise, several in a row a broken run."""
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.streak = limit, 0
+
+    def __call__(self, metrics: dict, where: str) -> None:
+        if not float(metrics["skipped"]):
+            self.streak = 0
+            return
+        self.streak += 1
+        print(f"{where}: non-finite loss or gradient, update skipped ({self.streak} in a row)",
+              flush=True)
+        if self.streak >= self.limit:
+            raise RuntimeError(f"{where}: {self.streak} updates in a row had a non-finite loss "
+                               "or gradient; lower the learning rate or check the rewards "
+                               "(the last checkpoint is intact: rerun to resume from it)")
