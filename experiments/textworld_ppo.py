@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from experiments.common import load_base, parse_preset_config
 
-from jaxrl_llm.agent import MODES, AgentConfig, evaluate_policy, play
+from jaxrl_llm.agent import MODES, AgentConfig, play
 from jaxrl_llm.checkpoint import Checkpointer, fingerprint, policy_identity
 from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import encode_episode, expert_episodes
 from jaxrl_llm.envs.textworld import PROMPT_STYLES, GameConfig, TextWorldBatch
+from jaxrl_llm.evaluation import evaluate_policy
 from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model.loading import QUANTIZE_MODES
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
@@ -107,6 +108,9 @@ class Config:
         if self.quantize not in quantize_modes:
             raise ValueError(f"--quantize must be one of {quantize_modes}, got "
                              f"{self.quantize!r}")
+        if self.collect_mode == "generate" and self.temperature != 1.0:
+            raise ValueError("--collect-mode generate needs --temperature 1: the PPO update "
+                             "recomputes untempered token log-probs of the sampled actions")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.dev_games < 0 or self.ppo_iterations < 0:
@@ -179,7 +183,7 @@ def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
     """Greedy play on test seeds 0..M-1, summarized at every configured step limit.
 
     With `policy` (what identifies the weights: `checkpoint.policy_identity`), finished games
-    are kept in `<run_dir>/eval/` (`agent.eval_record_path`) and a rerun plays only the rest.
+    are kept in `<run_dir>/eval/` (`evaluation.eval_record_path`) and a rerun plays only the rest.
     """
     agent = config.agent("eval")
     play_chunk = lambda games, seeds, on_step: play(model, tokenizer, games, seeds, "test", key,

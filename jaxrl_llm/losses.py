@@ -90,6 +90,12 @@ def masked_mean(values: chex.Array, mask: chex.Array, axis=None) -> chex.Array:
 
     Args: values `[B, T]` (any shape); mask: same shape.
     Returns: float32, the shape of `values` without `axis`.
+
+    Example (the padded 100 counts for nothing):
+      >>> import jax.numpy as jnp
+      >>> from jaxrl_llm import losses
+      >>> float(losses.masked_mean(jnp.array([[1., 2., 100.]]), jnp.array([[1., 1., 0.]])))
+      1.5
     """
     chex.assert_equal_shape([values, mask])
     count = jnp.sum(jnp.asarray(mask, jnp.float32), axis=axis)
@@ -224,6 +230,16 @@ def gae(rewards: chex.Array, values: chex.Array, next_values: chex.Array,
     Returns:
       `(advantages [B, T], returns [B, T])` float32, returns = advantages + values (the value
       targets, TD(lambda) returns); both 0 at masked positions.
+
+    Example (a 3-step episode rewarded at its end, which terminates it; V = 0.5 everywhere):
+      >>> import jax.numpy as jnp
+      >>> from jaxrl_llm import losses
+      >>> advantages, returns = losses.gae(
+      ...     rewards=jnp.array([[0., 0., 1.]]), values=jnp.full((1, 3), 0.5),
+      ...     next_values=jnp.array([[0.5, 0.5, 0.]]), terminated=jnp.array([[0., 0., 1.]]),
+      ...     mask=jnp.ones((1, 3)), gamma=1.0, lam=1.0)
+      >>> advantages.tolist(), returns.tolist()
+      ([[0.5, 0.5, 0.5]], [[1.0, 1.0, 1.0]])
     """
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape([rewards, values, next_values, terminated, mask])
@@ -281,6 +297,15 @@ def ppo_policy_loss(logprobs: chex.Array, old_logprobs: chex.Array, advantages: 
       clip_eps: epsilon > 0 of the clip; dual_clip: c > 1, or None.
       reduction, norm_constant, return_sum_count: see `aggregate_loss`.
     Returns: `PolicyLoss`: the loss and float32 scalar stats.
+
+    Example (ratio 2 with A = 1 is clipped to 1.2; ratio 1 with A = -1 is not clipped):
+      >>> import jax.numpy as jnp
+      >>> from jaxrl_llm import losses
+      >>> out = losses.ppo_policy_loss(jnp.log(jnp.array([[0.5, 0.9]])),
+      ...                              jnp.log(jnp.array([[0.25, 0.9]])),
+      ...                              jnp.array([[1., -1.]]), jnp.ones((1, 2)), clip_eps=0.2)
+      >>> round(float(out.loss), 4), float(out.clip_fraction)
+      (-0.1, 0.5)
     """
     logprobs, old_logprobs, advantages, mask = _as_batch_time(
         logprobs, old_logprobs, advantages, mask)
@@ -351,7 +376,14 @@ def kl_k2(logprobs: chex.Array, ref_logprobs: chex.Array) -> chex.Array:
 def kl_k3(logprobs: chex.Array, ref_logprobs: chex.Array) -> chex.Array:
     """k3 = (ratio - 1) - log ratio, ratio = p_ref / p (Schulman 2020; GRPO's KL, Shao et al.
     2024 eq. 4): unbiased for KL(p || p_ref) on samples from p, low variance, >= 0. Any shape
-    -> float32."""
+    -> float32.
+
+    Example (p = 0.5, p_ref = 0.25: ratio 0.5, k3 = -0.5 + log 2):
+      >>> import jax.numpy as jnp
+      >>> from jaxrl_llm import losses
+      >>> round(float(losses.kl_k3(jnp.log(0.5), jnp.log(0.25))), 4)
+      0.1931
+    """
     log_ratio = -kl_k1(logprobs, ref_logprobs)
     return jnp.expm1(log_ratio) - log_ratio  # expm1: exact near ratio = 1, where KL is tiny
 
@@ -507,6 +539,12 @@ def rloo_advantages(rewards: chex.Array) -> chex.Array:
 
     Args: rewards `[num_prompts, k]`, k >= 2.
     Returns: `[num_prompts, k]` float32; each row sums to 0, a constant row is all 0.
+
+    Example (each sample against the mean of the other three):
+      >>> import jax.numpy as jnp
+      >>> from jaxrl_llm import losses
+      >>> [round(a, 4) for a in losses.rloo_advantages(jnp.array([[1., 0., 0., 1.]]))[0].tolist()]
+      [0.6667, -0.6667, -0.6667, 0.6667]
     """
     _check_group(rewards, "rloo_advantages")
     rewards = jnp.asarray(rewards, jnp.float32)

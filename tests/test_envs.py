@@ -9,7 +9,8 @@ from flax import nnx
 
 from jaxrl_llm import text
 from jaxrl_llm.text import ByteTokenizer
-from jaxrl_llm.agent import AgentConfig, play, summarize, wilson_interval
+from jaxrl_llm.agent import AgentConfig, play
+from jaxrl_llm.evaluation import summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
                                       prompt_pieces, step_tail)
 
@@ -240,7 +241,8 @@ def test_thread_pool_plays_the_same_games():
 
 
 def test_baselines_gold_solves_with_room_and_random_is_valid():
-    from jaxrl_llm.agent import play_baseline, summarize
+    from jaxrl_llm.agent import play_baseline
+    from jaxrl_llm.evaluation import summarize
 
     with TextWorldBatch(GameConfig(step_limit=32), 2) as batch:
         gold = summarize(*play_baseline(batch, [0, 1], "test", "gold", np.random.default_rng(0)))
@@ -257,7 +259,8 @@ def test_baselines_gold_solves_with_room_and_random_is_valid():
 def test_one_play_at_the_largest_limit_summarizes_every_limit(policy):
     """Cutting episodes played at limit 24 to 12 gives what playing at limit 12 gives; the gold
     path succeeds in some games within 24 steps but in none within 12 (FACTS: 10-26 steps)."""
-    from jaxrl_llm.agent import evaluate_policy, play_baseline, summarize_limits
+    from jaxrl_llm.agent import play_baseline
+    from jaxrl_llm.evaluation import evaluate_policy, summarize_limits
 
     def run(limit):
         with TextWorldBatch(GameConfig(step_limit=limit), 3) as batch:
@@ -310,8 +313,8 @@ def test_eval_cli_needs_a_run_with_sft_checkpoints(tmp_path, capsys):
 def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     """Chunks already in the record are not played again; the table equals an unbroken run's;
     a line cut short by the kill is dropped; a record of other settings is refused."""
-    from jaxrl_llm.agent import (eval_record_path, evaluate_policy, play_baseline,
-                                 read_eval_record)
+    from jaxrl_llm.agent import play_baseline
+    from jaxrl_llm.evaluation import eval_record_path, evaluate_policy, read_eval_record
 
     played = []
 

@@ -78,6 +78,8 @@ def test_cli_errors():
         parse_args(["--ppo-learning-rate", "0"])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         parse_args(["--temperature", "0"])
+    with pytest.raises(ValueError, match="--collect-mode generate needs --temperature 1"):
+        parse_args(["--collect-mode", "generate", "--temperature", "0.7"])
 
 
 def test_help_documents_every_flag(capsys):

@@ -109,7 +109,7 @@ def load_model(path: str | None = None, *, param_dtype: str = "float32", dtype: 
         tokenizer = _tokenizer(path)
     elif path.endswith(".gguf"):
         config, weights = _read_gguf(path, overrides)
-        tokenizer = _tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
+        tokenizer = gguf_tokenizer(path)
     else:
         raise ValueError(f"cannot load {path!r}: expected a .gguf file or a directory with "
                          "config.json and *.safetensors")
@@ -167,15 +167,70 @@ def build_model(config: ModelConfig, weights: Mapping[str, np.ndarray], *,
     return model
 
 
-def _tokenizer(directory: str, gguf_file: str | None = None):
+def _tokenizer(directory: str):
     import transformers  # heavy import; only needed when loading real models
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        directory, gguf_file=gguf_file, local_files_only=True)
+    return _pad_left(transformers.AutoTokenizer.from_pretrained(directory,
+                                                                local_files_only=True))
+
+
+def _pad_left(tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def _gguf_reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a GGUF file ({error}): pass a .gguf model file, a "
+                         "Hugging Face directory with config.json and *.safetensors, or no "
+                         "path for the default SmolLM2") from error
+
+
+def gguf_tokenizer(path: str):
+    """The byte-level BPE tokenizer stored in a GGUF file (a `PreTrainedTokenizerFast`).
+
+    Built from the file's vocabulary, merges and control tokens with `tokenizers`, so that no
+    torch is needed (transformers' own GGUF reader imports it); the ids equal those of
+    `AutoTokenizer.from_pretrained(..., gguf_file=...)` (tested with torch as the oracle).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    fields = {k: f.contents() for k, f in _gguf_reader(path).fields.items()
+              if k.startswith("tokenizer.ggml.")}
+    get = lambda name: fields.get(f"tokenizer.ggml.{name}")
+    if get("model") != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {get('model')!r} is not supported (byte-level "
+                         "BPE 'gpt2' only); use a Hugging Face directory with tokenizer.json")
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # Byte-level vocabularies spell every byte as a printable character; a token the file
+    # writes in plain UTF-8 is respelled so that its merges match.
+    respell = lambda token: (token if set(token) <= alphabet
+                             else "".join(spelling[b] for b in token.encode("utf-8")))
+    tokens = [respell(t) for t in get("tokens")]
+    merges = [tuple(m.split(" ")) for m in get("merges")]
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                   fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(
+        get("add_space_prefix")), use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [t for t, kind in zip(tokens, get("token_type") or ()) if kind == 3]  # CONTROL
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    special = {name: tokens[get(key)] for name, key in (
+        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+        if get(key) is not None}
+    return _pad_left(PreTrainedTokenizerFast(tokenizer_object=backend, **special,
+                                             additional_special_tokens=control))
 
 
 def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -190,9 +245,7 @@ def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def _read_gguf(path: str, overrides: dict) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = _gguf_reader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -217,6 +270,8 @@ def _read_gguf(path: str, overrides: dict) -> tuple[ModelConfig, Mapping[str, np
         **overrides,
     )
     def read(ours: str, tensor) -> np.ndarray:
+        import gguf
+
         value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         value = value.reshape([int(d) for d in reversed(tensor.shape)])  # GGML dims are reversed
         if tensor.name.endswith("attn_q.weight"):
