@@ -21,9 +21,9 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 
-from experiments.textworld_ppo import (Config, checkpointer, evaluate, load_policy, print_table,
-                                       sft)
+from experiments.textworld_ppo import Config, checkpointer, evaluate, load_policy, print_table
 from jaxrl_llm.agent import BASELINES, play_baseline
 from jaxrl_llm.evaluation import evaluate_policy
 from jaxrl_llm.checkpoint import policy_identity
@@ -94,8 +94,9 @@ def main(argv=None) -> dict:
             model, tokenizer = load_policy(config)
             shard_model(model, mesh)
         policy_model = model
-        if policy == "sft":
-            policy_model, _ = sft(model, tokenizer, config, lambda record: None, mesh)
+        if policy == "sft":  # a copy: the zero-shot policy keeps the fresh adapters
+            policy_model = nnx.clone(model)
+            checkpointer(config, "sft").load_adapters(policy_model)
         identity = policy_identity(policy_model)
         for mode in args.modes:
             results[f"{policy} ({mode})"] = evaluate(

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxrl_llm.model.lora import TRAINABLE
 from jaxrl_llm.train.step import TrainState
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,24 @@ class Checkpointer:
         """The JSON record of the newest readable checkpoint in `slot`, or None."""
         return next((record for _, record in self._records(slot)), None)
 
+    def load_adapters(self, model: nnx.Module, slot: str = "latest") -> dict:
+        """Write the adapters (and value head) of the newest intact checkpoint of `slot` into
+        `model`, for evaluation or export: no optimizer, trainer or data needed.
+
+        Returns the checkpoint's record; raises ValueError if there is none, or if it was
+        written for another model.
+        """
+        trainable = nnx.state(model, TRAINABLE)
+        restored = self._restore(dict(trainable=trainable.to_pure_dict()), fingerprint(model),
+                                 slot, adapters_only=True)
+        if restored is None:
+            raise ValueError(f"no checkpoint in {self.directory}/{slot}: train first (python -m "
+                             "experiments.textworld_ppo writes checkpoints/sft)")
+        tree, record = restored
+        nnx.replace_by_pure_dict(trainable, tree["trainable"])
+        nnx.update(model, trainable)
+        return record
+
     def restore(self, template: TrainState, key: jax.Array, fingerprint_: str,
                 slot: str = "latest") -> tuple[TrainState, jax.Array, dict] | None:
         """Restore the newest intact checkpoint of `slot` into the structure of `template`;
@@ -112,6 +131,21 @@ class Checkpointer:
         warning and the previous one is tried. Raises ValueError if the checkpoint was written
         for another model, or if no checkpoint in the slot is intact.
         """
+        restored = self._restore(_to_tree(template, key), fingerprint_, slot)
+        if restored is None:
+            return None
+        tree, record = restored
+        trainable = template.trainable
+        nnx.replace_by_pure_dict(trainable, tree["trainable"])
+        rng = template.rng
+        nnx.replace_by_pure_dict(rng, tree["rng"])
+        state = TrainState(trainable, tree["opt_state"], rng, tree["step"])
+        return state, jax.random.wrap_key_data(np.asarray(tree["key"])), record
+
+    def _restore(self, template, fingerprint_: str, slot: str, adapters_only: bool = False):
+        """`(tree, record)` of the newest intact checkpoint of `slot`, or None if it is empty.
+        `adapters_only`: `template` is `{"trainable": ...}` and only the adapters are read (the
+        digest, which covers the whole state, is not checked)."""
         manager, damaged = self._managers[slot], []
         for step, record in self._records(slot):
             if record.get("fingerprint") != fingerprint_:
@@ -119,24 +153,22 @@ class Checkpointer:
                                  "model or LoRA config; use a new --run-dir or the matching "
                                  "model")
             try:
-                tree = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_to_tree(template, key))))["state"]
-                intact = record.get("digest") in (None, _digest(tree))
+                if adapters_only:
+                    tree = manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(template, partial_restore=True)))["state"]
+                    intact = True
+                else:
+                    tree = manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(template)))["state"]
+                    intact = record.get("digest") in (None, _digest(tree))
             except Exception:
                 intact = False
             if intact:
-                break
+                return tree, record
             damaged.append(step)
             logger.warning("checkpoint %s/%d is damaged (its arrays do not match their "
                            "digest); trying the previous one", manager.directory, step)
-        else:
-            if not damaged:
-                return None
-            raise ValueError(f"no intact checkpoint in {manager.directory} (damaged: steps "
-                             f"{damaged}): delete that directory to start this stage afresh")
-        trainable = template.trainable
-        nnx.replace_by_pure_dict(trainable, tree["trainable"])
-        rng = template.rng
-        nnx.replace_by_pure_dict(rng, tree["rng"])
-        state = TrainState(trainable, tree["opt_state"], rng, tree["step"])
-        return state, jax.random.wrap_key_data(np.asarray(tree["key"])), record
+        if not damaged:
+            return None
+        raise ValueError(f"no intact checkpoint in {manager.directory} (damaged: steps "
+                         f"{damaged}): delete that directory to start this stage afresh")

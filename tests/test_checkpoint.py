@@ -166,3 +166,20 @@ def test_a_non_finite_update_is_skipped_and_a_streak_stops_the_run():
         guard({"skipped": 1.0}, "PPO iteration 2")
     state, metrics = trainer.step(state, good)
     assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_load_adapters_needs_no_trainer(tmp_path):
+    trainer, model, checkpointer = _saved(tmp_path, 2)
+    trained = policy_identity(trainer.model(checkpointer.restore(
+        trainer.init(), jax.random.key(0), fingerprint(model))[0]))
+    fresh = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    apply_lora(fresh, LoraConfig(rank=4), nnx.Rngs(1))
+    assert policy_identity(fresh) != trained
+    record = Checkpointer(str(tmp_path)).load_adapters(fresh)
+    assert record["step"] == 2 and policy_identity(fresh) == trained
+    with pytest.raises(ValueError, match="no checkpoint in .*best"):
+        Checkpointer(str(tmp_path)).load_adapters(fresh, slot="best")
+    other = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    apply_lora(other, LoraConfig(rank=8), nnx.Rngs(1))
+    with pytest.raises(ValueError, match="belongs to another model"):
+        Checkpointer(str(tmp_path)).load_adapters(other)

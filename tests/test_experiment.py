@@ -43,6 +43,15 @@ def test_smoke_run_and_resume(tmp_path):
     assert [name.split("-")[0] for name in kept] == [
         "eval_ppo_score", "eval_ppo_score", "eval_sft_score", "eval_zero_shot_score"]
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    # The eval CLI loads the saved SFT adapters (no trainer, no data): the same weights, so it
+    # finds the main job's record and plays nothing.
+    from experiments import textworld_eval
+
+    table = textworld_eval.main(["--policies", "sft", "--games", "2", "--step-limits", "4",
+                                 "--run-dir", run_dir])
+    assert sorted(os.listdir(os.path.join(run_dir, "eval"))) == kept
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        assert table["sft (score)"] == json.load(f)["sft"]
     with open(os.path.join(run_dir, "eval.json")) as f:
         assert "limit_4" in json.load(f)["ppo"]
     for key in ("kl_ref", "entropy", "clip_fraction", "approx_kl", "explained_variance",
