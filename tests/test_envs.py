@@ -1,6 +1,9 @@
 """TextWorld games: step-limit semantics, termination vs truncation, lockstep, prompts, agent."""
 
+import dataclasses
+import logging
 import os
+import signal
 
 import jax
 import numpy as np
@@ -363,3 +366,52 @@ def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     with pytest.raises(OSError):
         evaluate_policy(play_chunk, 4, 2, (6, 8), record_dir=os.path.join(record, "sub"))
     assert played == []
+
+
+def _kill_engine(games, index):
+    os.kill(games._envs[index]._gateway.java_process.pid, signal.SIGKILL)
+    games._envs[index]._gateway.java_process.wait()
+
+
+def test_a_killed_engine_is_restarted_mid_collection_and_mid_eval(caplog):
+    """A dead JVM (killed by its pid) costs one warning line: play and evaluation go on, and
+    every episode equals the one an unbroken engine gives."""
+    from jaxrl_llm.agent import play_baseline
+    from jaxrl_llm.evaluation import evaluate_policy
+    from jaxrl_llm.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.tiny(vocab_size=257, max_seq_len=8192), rngs=nnx.Rngs(0))
+    agent = AgentConfig(greedy=False, prompt_style="compact", cache_len=8192)
+    results = []
+    for kill in (False, True):
+        with TextWorldBatch(GameConfig(step_limit=6), 2) as games:
+            steps = []
+
+            def on_step(episodes):
+                steps.append(1)
+                if kill and len(steps) == 2:
+                    _kill_engine(games, 1)
+
+            with caplog.at_level(logging.WARNING):
+                results.append(play(model, ByteTokenizer(), games, [3, 4], "train",
+                                    jax.random.key(0), agent, on_step=on_step))
+    assert [dataclasses.asdict(e) for e in results[0][0]] == [
+        dataclasses.asdict(e) for e in results[1][0]]
+    assert sum("crashed" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+
+    def gold(kill_at):
+        def play_chunk(games, seeds, on_step):
+            def step(episodes):
+                on_step(episodes)
+                if seeds[0] == kill_at and episodes[0].num_steps == 3:
+                    _kill_engine(games, 0)  # dies mid-chunk; another dies between chunks below
+            out = play_baseline(games, seeds, "test", "gold", np.random.default_rng(0), step)
+            if seeds[0] == kill_at:
+                _kill_engine(games, 1)
+            return out
+        return evaluate_policy(play_chunk, 4, 2, (8, 16))
+
+    with caplog.at_level(logging.WARNING):
+        assert gold(kill_at=0) == gold(kill_at=None)
+    assert sum("crashed" in r.getMessage() for r in caplog.records) == 2

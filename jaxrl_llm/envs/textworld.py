@@ -14,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 logger = logging.getLogger(__name__)
+# py4j logs each refused connection to a dead engine with a full traceback; a crash is reported
+# here in one line instead, and the engine restarted.
+logging.getLogger("py4j").setLevel(logging.CRITICAL)
 
 GAMES = ("cookingworld",)
 FOLDS = ("train", "dev", "test")
@@ -171,7 +174,13 @@ class TextWorldBatch:
         return list(self._envs[index].getGoldActionSequence())
 
     def _reset_one(self, index: int, seed: int, fold: str, gold: bool = False) -> Episode:
-        obs, info = self._envs[index].reset(seed=seed, gameFold=fold, generateGoldPath=gold)
+        try:
+            obs, info = self._envs[index].reset(seed=seed, gameFold=fold, generateGoldPath=gold)
+        except Exception as error:  # a dead engine: start a new one (a second failure raises)
+            logger.warning("game %d crashed before seed %d (%r); restarting its engine", index,
+                           seed, error)
+            self._restart(index)
+            obs, info = self._envs[index].reset(seed=seed, gameFold=fold, generateGoldPath=gold)
         return Episode(seed=seed, fold=fold, task=info["taskDescription"], observations=[obs],
                        valid_actions=list(info["validActions"]))
 
@@ -206,7 +215,7 @@ class TextWorldBatch:
         logger.warning("game %d (seed %d) crashed (%r); restarting its engine and replaying",
                        index, episode.seed, error)
         try:
-            self._envs[index] = _make_env(self.config)
+            self._restart(index)
             self._envs[index].reset(seed=episode.seed, gameFold=episode.fold)
             for past in episode.actions:
                 self._envs[index].step(past)
@@ -217,6 +226,13 @@ class TextWorldBatch:
                            index, second)
             episode.truncated = True
             return None, 0.0, None
+
+    def _restart(self, index: int) -> None:
+        try:
+            self._envs[index].close()
+        except Exception:  # the engine is already gone: nothing left to close
+            pass
+        self._envs[index] = _make_env(self.config)
 
     def close(self) -> None:
         for env in self._envs:
