@@ -404,4 +404,11 @@ def parse_args(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    config = parse_args()
+    try:
+        main(config)
+    except KeyboardInterrupt:
+        # Checkpoints and evaluation records are written whole (a line cut by the interrupt is
+        # dropped when read), so the same command continues where this one stopped.
+        raise SystemExit(f"\ninterrupted: rerun the same command (--run-dir {config.run_dir}) "
+                         "to resume from the last checkpoint and evaluation records")
