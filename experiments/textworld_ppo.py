@@ -222,7 +222,7 @@ def dev_accuracy(model, tokenizer, config: Config, dev) -> dict:
                                 config.length_norm, pad_id=tokenizer.eos_token_id)
 
 
-def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]:
+def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module, float]:
     """LoRA SFT on the gold paths of train seeds 0..N-1; returns the tuned model."""
     episodes, _ = gold_episodes(tokenizer, config, "train", config.train_games, False)
     dev = (gold_episodes(tokenizer, config, "dev", config.dev_games, True)
@@ -243,6 +243,7 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
     if restored:  # a resumed run: the warm start (and KL anchor) is the saved one
         print(f"loaded the SFT adapters from {checkpoints.directory}")
         return trainer.model(restored[0]), restored[2]["seconds"]
+    run.rewind(lambda r: r["stage"] in ("sft", "sft_dev"))  # a killed SFT starts over
     start = time.time()
     tokens = sum(e.num_tokens for e in episodes)
     print(f"SFT on {len(episodes)} sequences ({tokens} tokens, "
@@ -256,13 +257,13 @@ def sft(model, tokenizer, config: Config, log, mesh) -> tuple[nnx.Module, float]
             guard(metrics, f"SFT step {int(state.step)}")
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
-            log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
+            run.log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
                      wall_time=time.time() - start))
         if dev:
             accuracy = dev_accuracy(trainer.model(state), tokenizer, config, dev)
             bar.write(f"epoch {epoch + 1}: dev gold-action accuracy "
                       f"{accuracy['action_accuracy']:.3f} over {accuracy['steps']} steps")
-            log(dict(stage="sft_dev", epoch=epoch, step=int(state.step), **accuracy,
+            run.log(dict(stage="sft_dev", epoch=epoch, step=int(state.step), **accuracy,
                      wall_time=time.time() - start))
     bar.close()
     seconds = time.time() - start
@@ -276,7 +277,7 @@ def checkpointer(config: Config, stage: str = "") -> Checkpointer:
     return Checkpointer(os.path.join(config.run_dir, "checkpoints", stage))
 
 
-def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
+def ppo(model, tokenizer, config: Config, key, run: RunDir, mesh) -> nnx.Module:
     """PPO iterations from the SFT policy; checkpoints `latest` each iteration (resumable)."""
     ppo_config = config.ppo_config()
     actor_critic = ActorCritic(model)
@@ -293,6 +294,8 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
         state, key, record = restored
         done = record["iteration"]
         print(f"resumed PPO from iteration {done} ({checkpoints.directory})")
+    # Iterations past the checkpoint were logged by a run killed before saving: redone here.
+    run.rewind(lambda r: r["stage"] in ("ppo", "ppo_eval") and r["iteration"] > done)
     agent = config.agent("collect")
     pad_id = tokenizer.eos_token_id
     bar = tqdm(total=config.ppo_iterations, initial=done, desc="PPO", unit="iter")
@@ -330,14 +333,14 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
                           mean_score=float(np.mean([e.score for e in episodes])),
                           env_steps_per_s=len(transitions) / collect_seconds,
                           iteration_seconds=time.time() - start)
-            log(record)
+            run.log(record)
             checkpoint_record = dict(fingerprint=fp, iteration=iteration + 1, metrics=record)
             checkpoints.save(state, key, checkpoint_record)
             if config.eval_every and (iteration + 1) % config.eval_every == 0:
                 scores = evaluate(trainer.model(state).lm, tokenizer, config, key, "PPO", mesh)
                 score = np.mean([r["mean_score"] for r in scores.values()])
                 best = checkpoints.record("best")
-                log(dict(stage="ppo_eval", iteration=iteration + 1, **scores))
+                run.log(dict(stage="ppo_eval", iteration=iteration + 1, **scores))
                 if best is None or score > best["eval_score"]:
                     checkpoints.save(state, key, dict(checkpoint_record, eval_score=score),
                                      slot="best")
@@ -350,7 +353,6 @@ def ppo(model, tokenizer, config: Config, key, log, mesh) -> nnx.Module:
 def main(config: Config) -> dict:
     run = RunDir(config.run_dir, config, stage="ppo", x="iteration", keys=CURVES,
                  title="TextWorld PPO")
-    log = run.log
     key = jax.random.key(config.seed)
     print(f"loading model ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}, "
           f"{config.quantize or 'float'} base, LoRA r={config.lora_rank})", flush=True)
@@ -363,12 +365,12 @@ def main(config: Config) -> dict:
     if config.zero_shot_eval:
         results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot", mesh,
                                         policy=policy_identity(model))
-    model, sft_seconds = sft(model, tokenizer, config, log, mesh)
+    model, sft_seconds = sft(model, tokenizer, config, run, mesh)
     results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh,
                               policy=policy_identity(model))
     results["sft_wall_time_s"] = sft_seconds
     start = time.time()
-    model = ppo(model, tokenizer, config, key, log, mesh)
+    model = ppo(model, tokenizer, config, key, run, mesh)
     results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh,
                               policy=policy_identity(model))
     results["ppo_wall_time_s"] = time.time() - start

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 class MetricsLog:
@@ -64,6 +64,21 @@ class RunDir:
         self._metrics.write(record)
         if record.get("stage") == self._plot["stage"]:
             plot_curves(read_jsonl(self.metrics_path), self.curves_path, **self._plot)
+
+    def rewind(self, drop: Callable[[dict], bool]) -> None:
+        """Remove the records `drop` selects: the work a resumed run is about to redo (logged
+        by a run killed before its checkpoint), so metrics.jsonl ends as if it never stopped.
+        The file is replaced atomically."""
+        records = read_jsonl(self.metrics_path)
+        kept = [r for r in records if not drop(r)]
+        if len(kept) == len(records):
+            return
+        self._metrics.close()
+        scratch = self.metrics_path + ".rewind"
+        with open(scratch, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(scratch, self.metrics_path)
+        self._metrics = MetricsLog(self.metrics_path)
 
     def close(self) -> None:
         self._metrics.close()

@@ -3,45 +3,63 @@
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from experiments.textworld_ppo import PRESETS, Config, main, parse_args
+from jaxrl_llm.metrics import read_jsonl
 
 pytestmark = pytest.mark.textworld
 
 
 TIMINGS = {"wall_time", "env_steps_per_s", "iteration_seconds"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smoke_run_and_resume(tmp_path):
-    # The same run without a stop, for the exact-resume comparison below.
+def _records(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return read_jsonl(path) if os.path.exists(path) else []
+
+
+def test_smoke_run_killed_and_resumed_equals_the_run_that_never_stopped(tmp_path):
     unbroken_dir = str(tmp_path / "unbroken")
-    main(Config.preset("smoke", run_dir=unbroken_dir, ppo_iterations=2))
+    main(Config.preset("smoke", run_dir=unbroken_dir, ppo_iterations=3))
+    # The same run, killed (SIGKILL) while PPO iteration 2 is under way, then rerun.
     run_dir = str(tmp_path / "run")
-    first = main(Config.preset("smoke", run_dir=run_dir, ppo_iterations=1))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.textworld_ppo", "--preset", "smoke", "--run-dir",
+         run_dir, "--ppo-iterations", "3"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 600
+    while not any(r.get("iteration") == 1 for r in _records(run_dir)):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.kill()
+    process.wait()
+    assert not os.path.exists(os.path.join(run_dir, "eval.json"))  # it died before the end
+    first = main(Config.preset("smoke", run_dir=run_dir, ppo_iterations=3))
     assert set(first) >= {"zero_shot", "sft", "ppo"}
-    # A second invocation with more iterations continues from the checkpoints (as after a kill
-    # between iterations): SFT is not redone and PPO iteration 1 is not repeated.
-    main(Config.preset("smoke", run_dir=run_dir, ppo_iterations=2))
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["iteration"] for r in records if r["stage"] == "ppo"] == [1, 2]
-    # Game seeds, sampling and shuffles come from the checkpointed key: the resumed run's
-    # records are those of the run that never stopped, number for number.
-    unbroken = [json.loads(line) for line in open(os.path.join(unbroken_dir, "metrics.jsonl"))]
+    records = _records(run_dir)
+    assert [r["iteration"] for r in records if r["stage"] == "ppo"] == [1, 2, 3]
+    # Game seeds, sampling and shuffles come from the checkpointed key, and work logged after
+    # the last checkpoint is rewound: every record is the unbroken run's, number for number.
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rs]
-    assert strip(records) == strip(unbroken)
-    with open(os.path.join(unbroken_dir, "eval.json")) as f, \
-            open(os.path.join(run_dir, "eval.json")) as g:
-        assert json.load(f)["ppo"] == json.load(g)["ppo"]
+    assert strip(records) == strip(_records(unbroken_dir))
+    with open(os.path.join(unbroken_dir, "eval.json")) as f:
+        assert json.load(f)["ppo"] == first["ppo"]
     sft_steps = [r for r in records if r["stage"] == "sft"]
     epochs = Config.preset("smoke").sft_epochs
     assert sft_steps and {r["epoch"] for r in sft_steps} == set(range(epochs))
     assert len({r["step"] for r in sft_steps}) == len(sft_steps)  # SFT ran once
-    # The SFT evaluation was kept and reused; the PPO policy changed, so it was played again.
+    # The SFT evaluation recorded before the kill was reused by the rerun.
     kept = sorted(os.listdir(os.path.join(run_dir, "eval")))
     assert [name.split("-")[0] for name in kept] == [
-        "eval_ppo_score", "eval_ppo_score", "eval_sft_score", "eval_zero_shot_score"]
+        "eval_ppo_score", "eval_sft_score", "eval_zero_shot_score"]
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
     # The eval CLI loads the saved SFT adapters (no trainer, no data): the same weights, so it
     # finds the main job's record and plays nothing.
@@ -108,14 +126,10 @@ def test_presets_are_valid_configs():
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
     process = subprocess.Popen(
         [sys.executable, "-m", "experiments.textworld_ppo", "--preset", "smoke", "--run-dir",
          str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cwd=ROOT)
     for line in process.stdout:  # interrupt once the run has started working
         if line.startswith("devices:"):
             break

@@ -32,3 +32,22 @@ def test_plot_curves_writes_a_png_and_skips_absent_keys(tmp_path, monkeypatch):
     assert plotted == [((1, 2), (0.2, 0.3))]  # last record of iteration 1 wins
     plot_curves(records, str(tmp_path / "none.png"), stage="ppo", x="iteration", keys=("x",))
     assert not os.path.exists(tmp_path / "none.png")
+
+
+def test_rewind_drops_the_work_a_resumed_run_redoes(tmp_path):
+    import dataclasses
+
+    from jaxrl_llm.metrics import RunDir
+
+    @dataclasses.dataclass
+    class Config:
+        seed: int = 0
+
+    run = RunDir(str(tmp_path), Config(), stage="ppo", x="iteration", keys=("reward",))
+    for iteration in (1, 2, 3):
+        run.log(dict(stage="ppo", iteration=iteration, reward=0.1 * iteration))
+    run.rewind(lambda r: r["iteration"] > 1)  # checkpointed at 1: iterations 2 and 3 are redone
+    run.log(dict(stage="ppo", iteration=2, reward=0.25))
+    run.close()
+    assert [(r["iteration"], r["reward"]) for r in read_jsonl(run.metrics_path)] == [
+        (1, 0.1), (2, 0.25)]
