@@ -105,6 +105,18 @@ def read_eval_record(path: str, header: dict) -> dict[int, tuple[list[Episode], 
             for line in lines[1:]}
 
 
+def summarize_record(path: str, step_limits=None) -> dict[str, dict[str, float]]:
+    """`summarize_limits` of every game in an evaluation record (default limits: 16 and the
+    record's own), e.g. to recompute a results table from committed records."""
+    with open(path) as f:
+        header = json.loads(f.readline())["header"]
+    chunks = read_eval_record(path, header)
+    episodes = [e for start in sorted(chunks) for e in chunks[start][0]]
+    transitions = [t for start in sorted(chunks) for t in chunks[start][1]]
+    limits = step_limits or sorted({16, header["step_limit"]})
+    return summarize_limits(episodes, transitions, [n for n in limits if n <= header["step_limit"]])
+
+
 def _append_chunk(path: str, header: dict, start: int, episodes, transitions) -> None:
     # A kill before the first chunk's write leaves no file, or (cut by `read_eval_record`) an
     # empty one: either way the header comes first.

@@ -317,7 +317,8 @@ def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     """Chunks already in the record are not played again; the table equals an unbroken run's;
     a line cut short by the kill is dropped; a record of other settings is refused."""
     from jaxrl_llm.agent import play_baseline
-    from jaxrl_llm.evaluation import eval_record_path, evaluate_policy, read_eval_record
+    from jaxrl_llm.evaluation import (eval_record_path, evaluate_policy, read_eval_record,
+                                      summarize_record)
 
     played = []
 
@@ -344,6 +345,7 @@ def test_a_killed_evaluation_resumes_from_its_record(tmp_path):
     kill = False
     assert run() == unbroken
     assert played == [[0, 1], [2, 3], [2, 3]]  # the first chunk came from the record
+    assert summarize_record(record, (6, 8)) == unbroken  # the table, from the record alone
     chunks = read_eval_record(record, header)
     assert sorted(chunks) == [0, 2] and all(len(e) == 2 for e, _ in chunks.values())
     assert all(t.action and not t.context_ids for _, trs in chunks.values() for t in trs)
