@@ -405,12 +405,17 @@ def parse_args(argv=None) -> Config:
                                types={"max_history": int})
 
 
-if __name__ == "__main__":
-    config = parse_args()
+def cli(argv=None) -> dict:
+    """The command line: `main` of the parsed flags; Ctrl-C ends with how to resume."""
+    config = parse_args(argv)
     try:
-        main(config)
+        return main(config)
     except KeyboardInterrupt:
         # Checkpoints and evaluation records are written whole (a line cut by the interrupt is
         # dropped when read), so the same command continues where this one stopped.
         raise SystemExit(f"\ninterrupted: rerun the same command (--run-dir {config.run_dir}) "
-                         "to resume from the last checkpoint and evaluation records")
+                         "to resume from the last checkpoint and evaluation records") from None
+
+
+if __name__ == "__main__":
+    cli()

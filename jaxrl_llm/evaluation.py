@@ -125,10 +125,14 @@ def _append_chunk(path: str, header: dict, start: int, episodes, transitions) ->
     lines.append(dict(start=start, episodes=[dataclasses.asdict(e) for e in episodes],
                       transitions=[{k: v for k, v in dataclasses.asdict(t).items()
                                     if k not in drop} for t in transitions]))
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:  # a line cut short by it is dropped when the record is read
+        raise OSError(f"could not write the evaluation record {path} ({error}); the games "
+                      "recorded before are kept: free disk space, then rerun to resume") from error
 
 
 def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[str, float]:

@@ -417,3 +417,31 @@ def test_a_killed_engine_is_restarted_mid_collection_and_mid_eval(caplog):
     with caplog.at_level(logging.WARNING):
         assert gold(kill_at=0) == gold(kill_at=None)
     assert sum("crashed" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_record_that_cannot_be_written_keeps_the_chunks_before(tmp_path, monkeypatch):
+    from jaxrl_llm import evaluation
+    from jaxrl_llm.agent import play_baseline
+
+    play_chunk = lambda games, seeds, on_step: play_baseline(
+        games, seeds, "test", "random", np.random.default_rng(seeds[0]), on_step)
+    directory = str(tmp_path / "eval")
+    run = lambda: evaluation.evaluate_policy(play_chunk, 4, 2, (6,), record_dir=directory,
+                                             settings=dict(policy="random"))
+    writes = []
+
+    def disk_full_after_one_chunk(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            writes.append(path)
+            if len(writes) > 1:
+                raise OSError(28, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "open", disk_full_after_one_chunk, raising=False)
+    with pytest.raises(OSError, match="games recorded before are kept.*rerun to resume"):
+        run()
+    monkeypatch.undo()
+    (record,) = os.listdir(directory)
+    header = dict(label="eval", settings=dict(policy="random"), num_envs=2, step_limit=6)
+    assert sorted(evaluation.read_eval_record(os.path.join(directory, record), header)) == [0]
+    assert run() == evaluation.evaluate_policy(play_chunk, 4, 2, (6,))

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from experiments import textworld_ppo
 from experiments.textworld_ppo import PRESETS, Config, main, parse_args
 from jaxrl_llm.metrics import read_jsonl
 
@@ -122,3 +123,13 @@ def test_presets_are_valid_configs():
     configs = {name: Config.preset(name) for name in PRESETS}
     assert configs["cpu"] == Config()  # the no-flag run is the cpu preset
     assert configs["gpu"].eval_step_limits == (16, 32) and configs["gpu"].max_history is None
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(textworld_ppo, "main", interrupted)
+    with pytest.raises(SystemExit, match=r"interrupted: rerun the same command \(--run-dir "
+                                         f"{tmp_path}\\) to resume"):
+        textworld_ppo.cli(["--preset", "smoke", "--run-dir", str(tmp_path)])
