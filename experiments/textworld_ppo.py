@@ -125,7 +125,13 @@ class Config:
         if self.eval_games % self.num_envs and self.eval_games > self.num_envs:
             raise ValueError(f"--eval-games ({self.eval_games}) must be a multiple of "
                              f"--num-envs ({self.num_envs})")
-        self.agent("eval"), self.sft_config(), self.ppo_config()  # validate the sub-configs
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0 (0: only at the end), got "
+                             f"{self.eval_every}")
+        # The sub-configs, validated here: before the model loads, not when their stage starts.
+        self.agent("eval"), self.agent("collect"), self.sft_config(), self.ppo_config()
+        LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha)
+        OptimConfig(learning_rate=self.sft_learning_rate)
 
     def agent(self, use: str) -> AgentConfig:
         """How the policy acts: "eval" (greedy, `agent_mode`) or "collect" (sampled)."""

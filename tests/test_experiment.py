@@ -105,6 +105,16 @@ def test_cli_errors():
         parse_args(["--ppo-learning-rate", "0"])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         parse_args(["--temperature", "0"])
+    for flags, message in ((["--sft-learning-rate", "0"], "learning_rate must be > 0"),
+                           (["--lora-alpha", "-1"], "alpha"),
+                           (["--eval-every", "-1"], "--eval-every must be >= 0"),
+                           (["--cache-len", "8"], "cache_len >= 64"),
+                           (["--sft-batch-size", "3", "--sft-micro-batch-size", "2"],
+                            "multiple of micro_batch_size"),
+                           (["--ppo-epochs", "0"], "epochs must be >= 1"),
+                           (["--kl-coef", "-1"], "kl_coef")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(flags)
     with pytest.raises(ValueError, match="--collect-mode generate needs --temperature 1"):
         parse_args(["--collect-mode", "generate", "--temperature", "0.7"])
 
