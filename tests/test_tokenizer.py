@@ -34,6 +34,9 @@ def test_gguf_tokenizer_gives_the_ids_of_transformers():
     for name in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
         assert getattr(ours, name) == getattr(reference, name)
     assert len(ours) == len(reference) and ours.padding_side == "left"
+    chat = [{"role": "user", "content": "Cook a meal."}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
+        reference.apply_chat_template(chat, add_generation_prompt=True)
     assert ours.convert_tokens_to_ids("<|im_start|>") == 1
 
 

@@ -204,7 +204,7 @@ def gguf_tokenizer(path: str):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     fields = {k: f.contents() for k, f in _gguf_reader(path).fields.items()
-              if k.startswith("tokenizer.ggml.")}
+              if k.startswith("tokenizer.")}
     get = lambda name: fields.get(f"tokenizer.ggml.{name}")
     if get("model") != "gpt2":
         raise ValueError(f"{path}: tokenizer model {get('model')!r} is not supported (byte-level "
@@ -229,8 +229,9 @@ def gguf_tokenizer(path: str):
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
         ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
         if get(key) is not None}
-    return _pad_left(PreTrainedTokenizerFast(tokenizer_object=backend, **special,
-                                             additional_special_tokens=control))
+    return _pad_left(PreTrainedTokenizerFast(
+        tokenizer_object=backend, **special, additional_special_tokens=control,
+        chat_template=fields.get("tokenizer.chat_template")))
 
 
 def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
