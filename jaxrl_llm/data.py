@@ -40,7 +40,8 @@ def _cache_path(cache_dir: str | None, kind: str, key) -> str | None:
 def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
                     cache_dir: str | None = None, progress: bool = True) -> datasets.Dataset:
     """One row per game: seed, task, observations `[S + 1]`, actions `[S]` (the gold path),
-    valid_actions `[S]` (the valid actions of each step's state), rewards `[S]`, success."""
+    valid_actions `[S]` (the valid actions of each step's state), rewards `[S]`, success, done
+    (the episode ended within the gold path)."""
     game = dataclasses.replace(game, step_limit=EXPERT_STEP_LIMIT)
     path = _cache_path(cache_dir, "episodes",
                        [dataclasses.asdict(game), list(map(int, seeds)), fold])
@@ -61,7 +62,7 @@ def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
             rows.append(dict(seed=int(seed), task=episode.task,
                              observations=episode.observations, actions=episode.actions,
                              valid_actions=valid, rewards=episode.rewards,
-                             success=episode.success))
+                             success=episode.success, done=episode.done))
     if rejected:
         logger.warning("%d of %d gold actions were not in the valid-action list (kept)",
                        rejected, steps)
@@ -100,9 +101,7 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
         return [pack_episode(trunk, tails, leaves)], gold
     packed = []
     for s in range(len(tails)):
-        state = Episode(seed=row["seed"], fold="", task=row["task"],
-                        observations=row["observations"][:s + 1], actions=row["actions"][:s])
-        prompt = text.encode_pieces(tokenizer, prompt_pieces(state, max_history))
+        prompt = text.encode_pieces(tokenizer, prompt_pieces(_state(row, s), max_history))
         packed.append(pack_episode([prompt], [tails[s]], [leaves[s]]))
     return packed, gold
 
@@ -116,34 +115,33 @@ def expert_dataset(game: GameConfig, seeds: Sequence[int], fold: str, tokenizer,
     trailing space moved to the action, EOS appended to the action). Cached under `cache_dir`
     by a key of everything that changes the rows.
     """
-    game = dataclasses.replace(game, step_limit=EXPERT_STEP_LIMIT)
     path = _cache_path(cache_dir, "expert", [
         dataclasses.asdict(game), list(map(int, seeds)), fold, max_history,
         tokenizer.name_or_path if hasattr(tokenizer, "name_or_path") else "", len(tokenizer)])
     if path and os.path.isdir(path):
         return datasets.load_from_disk(path)
-    rows, rejected = [], 0
-    with TextWorldBatch(game, 1) as batch:
-        for seed in tqdm(seeds, desc=f"gold paths ({fold})", disable=not progress):
-            (episode,) = batch.reset([int(seed)], fold, gold=True)
-            gold = batch.gold_actions(0)
-            for action in gold:
-                if episode.done:
-                    break
-                rejected += action not in episode.valid_actions
-                pieces = prompt_pieces(episode, max_history)
-                tail = step_tail(episode.valid_actions)
-                rows.append(dict(
-                    prompt=build_prompt(episode, max_history), action=action,
-                    prompt_ids=text.encode_prompt(tokenizer, pieces, tail),
-                    action_ids=text.encode_action(tokenizer, tail, action),
-                    seed=int(seed), step=episode.num_steps))
-                (episode,) = batch.step([action])
-                rows[-1].update(reward=episode.rewards[-1], done=episode.done)
-    if rejected:
-        logger.warning("%d of %d gold actions were not in the valid-action list (kept)",
-                       rejected, len(rows))
+    rows = []
+    # The per-step rows are what is cached: the games they come from need no cache of their own.
+    for episode in expert_episodes(game, seeds, fold, progress=progress):
+        last = len(episode["actions"]) - 1
+        for s, action in enumerate(episode["actions"]):
+            state = _state(episode, s)
+            pieces = prompt_pieces(state, max_history)
+            tail = step_tail(state.valid_actions)
+            rows.append(dict(
+                prompt=build_prompt(state, max_history), action=action,
+                prompt_ids=text.encode_prompt(tokenizer, pieces, tail),
+                action_ids=text.encode_action(tokenizer, tail, action),
+                seed=episode["seed"], step=s, reward=episode["rewards"][s],
+                done=episode["done"] and s == last))
     dataset = datasets.Dataset.from_list(rows)
     if path:
         dataset.save_to_disk(path)
     return dataset
+
+
+def _state(row: dict, step: int) -> Episode:
+    """The state of an `expert_episodes` row before its action `step`."""
+    return Episode(seed=row["seed"], fold="", task=row["task"],
+                   observations=row["observations"][:step + 1], actions=row["actions"][:step],
+                   valid_actions=row["valid_actions"][step])
