@@ -61,6 +61,35 @@ def entropy_from_logits(logits: chex.Array) -> chex.Array:
     return jax.nn.logsumexp(shifted, axis=-1) - expected_logit
 
 
+def head_logprobs(model, hidden: chex.Array, targets: chex.Array,
+                  chunk: int = 1024) -> tuple[chex.Array, chex.Array]:
+    """Log-probs of `targets` and next-token entropies from hidden states, LM head in chunks.
+
+    A `[B, N, V]` logit array of a few thousand scored tokens is gigabytes (V ~ 50k); here the
+    head runs on `chunk` tokens at a time and each chunk is recomputed in the backward pass
+    (`jax.checkpoint`), so at most one chunk's logits are alive at once.
+
+    Args:
+      model: a `jaxrl_llm.model.Transformer` (its `logits` is the LM head).
+      hidden: `[B, N, D]` final hidden states of the predicting positions.
+      targets: `[B, N]` the ids they predict.
+      chunk: tokens per head call (>= 1).
+    Returns:
+      `(logprobs [B, N], entropy [B, N])`, float32, as `token_logprobs` / `entropy_from_logits`.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+
+    @jax.checkpoint
+    def stats(h, t):
+        logits = model.logits(h)
+        return token_logprobs(logits, t), entropy_from_logits(logits)
+
+    n = hidden.shape[1]
+    parts = [stats(hidden[:, i:i + chunk], targets[:, i:i + chunk]) for i in range(0, n, chunk)]
+    return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
+
+
 def response_hidden_states(model, prompt_tokens, prompt_mask, response_tokens, response_mask, *,
                            remat: bool = False):
     """Final hidden states at the positions that predict each response token, one forward pass.

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.generation import bucket_length
-from jaxrl_llm.logprobs import entropy_from_logits, token_logprobs
+from jaxrl_llm.logprobs import head_logprobs
 from jaxrl_llm.model.llama import BranchMask
 
 
@@ -173,16 +173,16 @@ class PackedOutput(NamedTuple):
 def packed_forward(model, batch, *, remat: bool = False) -> PackedOutput:
     """One forward of packed rows (`collate`): every step's leaf scores and decision state.
 
-    The LM head runs only at the N predicting positions, not at all T tokens.
+    The LM head runs only at the N predicting positions, not at all T tokens, in chunks
+    (`logprobs.head_logprobs`): every valid action of a game as a leaf is thousands of them.
     """
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"],
                                     BranchMask(batch["branch"], batch["leaf"]), remat=remat)
     take = lambda index: jnp.take_along_axis(hidden, index[..., None], axis=1)
-    logits = model.logits(take(batch["predictors"]))  # [B, N, V]
     valid = (batch["target_slot"] >= 0).astype(jnp.float32)
     targets = jnp.take_along_axis(batch["tokens"], batch["targets"], axis=1)
-    logprobs = token_logprobs(logits, targets) * valid
-    entropy = entropy_from_logits(logits) * valid
+    logprobs, entropy = head_logprobs(model, take(batch["predictors"]), targets)
+    logprobs, entropy = logprobs * valid, entropy * valid
     b, s, c = batch["leaf_lengths"].shape
     # Padding (slot -1) is sent out of range and dropped.
     slot = jnp.where(batch["target_slot"] < 0, s * c, batch["target_slot"])

@@ -140,3 +140,27 @@ def test_entropy_with_masked_logits_has_finite_exact_gradient():
     np.testing.assert_allclose(grad[:, :4], ref, atol=1e-5)
     np.testing.assert_allclose(np.asarray(jit_entropy(masked)),
                                np.asarray(entropy_from_logits(masked)), atol=1e-6)
+
+
+def test_chunked_head_equals_the_whole_head_in_value_and_gradient():
+    from flax import nnx
+
+    from jaxrl_llm.logprobs import head_logprobs
+    from jaxrl_llm.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig.tiny(vocab_size=64), rngs=nnx.Rngs(0))
+    hidden = jax.random.normal(jax.random.key(1), (2, 11, model.config.d_model))
+    targets = jax.random.randint(jax.random.key(2), (2, 11), 0, 64)
+
+    def whole(hidden):
+        logits = model.logits(hidden)
+        return token_logprobs(logits, targets), entropy_from_logits(logits)
+
+    chunked = lambda hidden: head_logprobs(model, hidden, targets, chunk=4)  # 11 = 4 + 4 + 3
+    for got, want in zip(chunked(hidden), whole(hidden)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    loss = lambda f: lambda h: jnp.sum(f(h)[0] * jnp.arange(11)[None]) + jnp.sum(f(h)[1])
+    np.testing.assert_allclose(jax.grad(loss(chunked))(hidden), jax.grad(loss(whole))(hidden),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        head_logprobs(model, hidden, targets, chunk=0)
