@@ -6,10 +6,11 @@
 
 Policies: `random` (uniform valid action), `gold` (the expert path, cut by the step limit),
 `zero-shot` (the base model with fresh, zero-effect adapters), `sft` (the SFT adapters of
-`--run-dir`, as written by `experiments.textworld_ppo`). Model policies act greedily, in each of
-`--modes`. Test seeds 0..games-1; results also go to `<run-dir>/eval_table.json`. Finished
-games are kept in `<run-dir>/eval/`, one record per policy and mode: rerun the same command
-after a kill and only the games not yet played are played.
+`--run-dir`, as written by `experiments.textworld_ppo`). Model policies act greedily (or sample
+from pi, `--sample`), in each of `--modes`. Test seeds 0..games-1; results also go to
+`<run-dir>/eval_table.json`. Finished games are kept in `<run-dir>/eval/`, one record per
+policy and mode: rerun the same command after a kill and only the games not yet played are
+played.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-envs", type=int, default=None,
                         help="games in lockstep, a divisor of --games (default: the largest "
                              "divisor up to the run's --num-envs)")
+    parser.add_argument("--sample", action="store_true",
+                        help="model policies sample from pi (the run's --temperature) instead "
+                             "of taking its argmax")
     args = parser.parse_args(argv)
     if args.games < 1 or (args.num_envs is not None and args.num_envs < 1):
         parser.error("--games and --num-envs must be >= 1")
@@ -77,7 +81,8 @@ def main(argv=None) -> dict:
         num_envs = max(d for d in range(1, min(args.games, saved.num_envs) + 1)
                        if args.games % d == 0)
     config = dataclasses.replace(saved, eval_games=args.games, num_envs=num_envs,
-                                 eval_step_limits=tuple(args.step_limits))
+                                 eval_step_limits=tuple(args.step_limits),
+                                 eval_sample=args.sample)
     out_dir = args.run_dir or "runs/textworld_eval"
     # Finished games are kept per policy and mode: a rerun after a kill plays only the rest.
     config = dataclasses.replace(config, run_dir=out_dir)

@@ -69,6 +69,7 @@ class Config:
     eval_step_limits: tuple[int, ...] = (16, 32)  # evaluation step limits (one play, cut)
     zero_shot_eval: bool = False  # also evaluate the base model (0% here: docs/textworld.md)
     agent_mode: str = "score"  # how the evaluated policy acts
+    eval_sample: bool = False  # evaluate by sampling from the policy (else its argmax)
     collect_mode: str = "score"  # how PPO collects (and so which policy it trains)
     temperature: float = 1.0  # of the action softmax (score mode) or the sampler (generate)
     length_norm: bool = False  # score mode: per-token mean action log-probs
@@ -136,7 +137,7 @@ class Config:
     def agent(self, use: str) -> AgentConfig:
         """How the policy acts: "eval" (greedy, `agent_mode`) or "collect" (sampled)."""
         return AgentConfig(mode=self.agent_mode if use == "eval" else self.collect_mode,
-                           greedy=use == "eval", temperature=self.temperature,
+                           greedy=use == "eval" and not self.eval_sample, temperature=self.temperature,
                            length_norm=self.length_norm, prompt_style=self.prompt_style,
                            max_history=self.max_history, max_action_tokens=12,
                            cache_len=self.cache_len)
@@ -186,14 +187,16 @@ def load_policy(config: Config):
 
 def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
              policy: dict | None = None) -> dict:
-    """Greedy play on test seeds 0..M-1, summarized at every configured step limit.
+    """Play on test seeds 0..M-1 (greedy unless `eval_sample`), summarized at every step limit.
 
     With `policy` (what identifies the weights: `checkpoint.policy_identity`), finished games
     are kept in `<run_dir>/eval/` (`evaluation.eval_record_path`) and a rerun plays only the rest.
     """
     agent = config.agent("eval")
-    play_chunk = lambda games, seeds, on_step: play(model, tokenizer, games, seeds, "test", key,
-                                                    agent, on_step=on_step, mesh=mesh)
+    # A sampled policy's draws depend on the games, not on how they are chunked.
+    play_chunk = lambda games, seeds, on_step: play(
+        model, tokenizer, games, seeds, "test", jax.random.fold_in(key, seeds[0]), agent,
+        on_step=on_step, mesh=mesh)
     settings = policy and dict(policy=policy, agent=dataclasses.asdict(agent), seed=config.seed,
                                model_path=config.model_path, quantize=config.quantize)
     return evaluate_policy(play_chunk, config.eval_games, min(config.num_envs, config.eval_games),
