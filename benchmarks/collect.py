@@ -25,11 +25,13 @@ from flax import nnx
 from jaxrl_llm import text
 from jaxrl_llm.agent import AgentConfig, play
 from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch, build_prompt
-from jaxrl_llm.generation import SamplingConfig, generate, pad_left, pad_right
+from jaxrl_llm.generation import generate
 from jaxrl_llm.logprobs import score_responses
 from jaxrl_llm.model import load_model
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
+from jaxrl_llm.padding import pad_left, pad_right
+from jaxrl_llm.sampling import SamplingConfig
 
 
 def ours(policy: ActorCritic, tokenizer, seeds, steps: int, key) -> tuple[int, float]:

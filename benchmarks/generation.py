@@ -48,8 +48,9 @@ def pick(data, batch_size: int, seed: int = 0) -> list[list[int]]:
 def run_ours(args) -> dict:
     import jax
 
-    from jaxrl_llm.generation import (GROUP_ROWS, SamplingConfig, compile_count, generate,
-                                      pad_right)
+    from jaxrl_llm.generation import compile_count, generate
+    from jaxrl_llm.padding import GROUP_ROWS, pad_right
+    from jaxrl_llm.sampling import SamplingConfig
     from jaxrl_llm.model import load_model
 
     data, _ = prompts_and_tokenizer(args.seeds)
@@ -82,8 +83,9 @@ def multi_turn(model, args) -> dict:
 
     from jaxrl_llm import text
     from jaxrl_llm.envs.textworld import (GameConfig, TextWorldBatch, prompt_pieces, step_tail)
-    from jaxrl_llm.generation import (DecodeState, SamplingConfig, extend, generate,
-                                      generate_from, pad_right)
+    from jaxrl_llm.generation import DecodeState, extend, generate, generate_from
+    from jaxrl_llm.padding import pad_right
+    from jaxrl_llm.sampling import SamplingConfig
     from jaxrl_llm.model.loading import default_model_path, gguf_tokenizer
 
     path = default_model_path()

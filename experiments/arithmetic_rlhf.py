@@ -34,10 +34,12 @@ from experiments.common import parse_preset_config
 
 from jaxrl_llm import losses
 from jaxrl_llm.checks import require_at_least_one
-from jaxrl_llm.generation import SamplingConfig, bucket_length, generate, pad_left
+from jaxrl_llm.generation import generate
 from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
 from jaxrl_llm.model.value_head import ActorCritic
+from jaxrl_llm.padding import bucket_length, pad_left
+from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.train import prompt_rl
 from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer

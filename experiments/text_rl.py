@@ -30,10 +30,10 @@ from experiments.common import config_overrides, config_parser, load_base
 
 from jaxrl_llm import rewards
 from jaxrl_llm.checks import require_at_least_one
-from jaxrl_llm.generation import SamplingConfig
 from jaxrl_llm.metrics import RunDir, plot_curves, read_jsonl
 from jaxrl_llm.model.bert import SentenceEncoder
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
+from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.train import prompt_rl
 from jaxrl_llm.train.step import OptimConfig, make_optimizer
 

@@ -19,8 +19,9 @@ import numpy as np
 from jaxrl_llm import text
 from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, OBSERVATION_BLOCK, Episode, TextWorldBatch,
                                       check_style, prompt_pieces, step_tail)
-from jaxrl_llm.generation import (GROUP_ROWS, DecodeState, SamplingConfig, extend, generate_from,
-                                  pad_right, score_continuations)
+from jaxrl_llm.generation import DecodeState, extend, generate_from, score_continuations
+from jaxrl_llm.padding import GROUP_ROWS, pad_right
+from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.scoring import action_logprobs
 
 MODES = ("generate", "score")

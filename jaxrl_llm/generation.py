@@ -7,17 +7,17 @@ Two levels of API:
     (e.g. "Valid actions: ... Action: ") is dropped again afterwards, so the cost of a step grows
     with the new text rather than with the whole prompt.
 
-Shapes are bucketed (`bucket_length`) so a run compiles a handful of programs, not one per
-prompt length. Chunks fed to the cache are right-padded: row b's real tokens come first. Long
-chunks of very different lengths are prefilled in groups of similar length (`length_groups`):
-padding every row to the longest would multiply the prefill work.
+Shapes are bucketed (`padding.bucket_length`) so a run compiles a handful of programs, not one
+per prompt length. Chunks fed to the cache are right-padded: row b's real tokens come first.
+Long chunks of very different lengths are prefilled in groups of similar length
+(`padding.length_groups`): padding every row to the longest would multiply the prefill work.
+The sampling rule itself is `jaxrl_llm.sampling`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -29,51 +29,9 @@ from jax.sharding import Mesh
 from jaxrl_llm.logprobs import token_logprobs
 from jaxrl_llm.model.config import ModelConfig
 from jaxrl_llm.model.llama import KVCache, Transformer, check_tokens
+from jaxrl_llm.padding import GROUP_ROWS, bucket_length, length_groups, pack_candidates, pad_right
+from jaxrl_llm.sampling import SamplingConfig, sample_logits
 from jaxrl_llm.sharding import batch_shardings, place_like
-
-# Bucket widths: powers of two and 1.5x powers of two, so padding wastes at most a third.
-_BUCKETS = tuple(sorted({int(m * 2 ** e) for e in range(4, 16) for m in (1, 1.5)}))
-# Rows per prefill group. Prefill throughput barely depends on the batch size at these lengths
-# (tokens per matmul are in the thousands), so small groups cost little and cut padding.
-GROUP_ROWS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How tokens are drawn.
-
-    Attributes:
-      max_new_tokens: tokens sampled per row at most (N).
-      temperature: logits are divided by it before sampling; must be > 0 (use `greedy`).
-      top_k: keep the k most likely tokens (0 = off).
-      top_p: nucleus sampling: keep the smallest set of tokens with probability >= top_p (1 = off).
-      greedy: take the argmax (temperature, top_k, top_p are then ignored).
-      eos_ids: end-of-sequence ids; a row ends after emitting one.
-      stop_ids: further ids that end a row (e.g. the newline that ends a TextWorld action).
-      pad_id: written after a row has ended.
-    """
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False
-    eos_ids: tuple[int, ...] = ()
-    stop_ids: tuple[int, ...] = ()
-    pad_id: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (set greedy=True for argmax), "
-                             f"got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
-        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
 
 class GenerationOutput(NamedTuple):
@@ -118,98 +76,6 @@ class DecodeState:
             return make()
         # Created in place on the mesh: the full cache never sits on one device.
         return jax.jit(make, out_shardings=batch_shardings(mesh, jax.eval_shape(make)))()
-
-
-def bucket_length(n: int) -> int:
-    """The smallest bucket width >= n (16, 24, 32, 48, 64, 96, ...)."""
-    for width in _BUCKETS:
-        if width >= n:
-            return width
-    raise ValueError(f"sequence of {n} tokens is longer than the largest bucket {_BUCKETS[-1]}")
-
-
-def length_groups(lengths, group_rows: int = GROUP_ROWS) -> list[np.ndarray]:
-    """Row indices to prefill together: sorted by length, at most `group_rows` per group.
-
-    Args:
-      lengths: `[B]` real tokens per row.
-      group_rows: the most rows in a group (>= 1).
-    Returns:
-      Index arrays covering every row once. `[arange(B)]` (one group, rows in order) unless
-      grouping saves at least a quarter of the padded bucket area, so that batches of similar
-      rows keep one compiled program.
-    """
-    if group_rows < 1:
-        raise ValueError(f"group_rows must be >= 1, got {group_rows}")
-    lengths = np.asarray(lengths)
-    order = np.argsort(lengths, kind="stable")
-    groups = [order[i:i + group_rows] for i in range(0, len(order), group_rows)]
-    area = lambda rows: len(rows) * bucket_length(max(int(lengths[rows].max()), 1))
-    if len(groups) > 1 and sum(map(area, groups)) <= 0.75 * area(order):
-        return groups
-    return [np.arange(len(lengths))]
-
-
-def pad_right(sequences: Sequence[Sequence[int]], width: int | None = None,
-              pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> right-padded `([B, W] int32 tokens, [B, W] bool mask)`, W bucketed."""
-    longest = max(len(s) for s in sequences)
-    width = bucket_length(longest) if width is None else width
-    if longest > width:
-        raise ValueError(f"sequence of {longest} tokens does not fit width {width}")
-    tokens = np.full((len(sequences), width), pad_id, np.int32)
-    mask = np.zeros((len(sequences), width), bool)
-    for row, seq in enumerate(sequences):
-        tokens[row, :len(seq)] = seq
-        mask[row, :len(seq)] = True
-    return tokens, mask
-
-
-def pad_left(sequences: Sequence[Sequence[int]], width: int | None = None,
-             pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> left-padded `([B, W] int32, [B, W] bool)`: every row ends at column W-1."""
-    tokens, mask = pad_right([list(reversed(s)) for s in sequences], width, pad_id)
-    return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
-
-
-def sample_logits(logits: jax.Array, key: jax.Array,
-                  sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Draw one token per row.
-
-    Args:
-      logits: `[B, V]` float32.
-      key: PRNG key.
-      sampling: the rule.
-    Returns:
-      `(tokens [B] int32, logprobs [B] float32)`, log-probs of the distribution sampled from.
-    """
-    if sampling.greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return tokens, token_logprobs(logits[:, None], tokens[:, None])[:, 0]
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1:
-        logits = top_p_filter(logits, sampling.top_p)
-    tokens = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-    return tokens, token_logprobs(logits[:, None], tokens[:, None])[:, 0]
-
-
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-    """Nucleus filter (Holtzman et al. 2020): `[B, V]` logits with the tail set to -inf.
-
-    Keeps the most likely tokens until their cumulative probability reaches top_p (the token that
-    crosses the threshold is kept, so at least one token always survives).
-    """
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
-        keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
 
 
 def _feed(model: Transformer, state: DecodeState, tokens: jax.Array, key_width: int):
@@ -324,29 +190,6 @@ def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, packed, se
     return (scores, last_tail[:, 0]), DecodeState(cache=cache, lengths=state.lengths)
 
 
-def pack_candidates(candidates, candidate_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`[B, C, L]` right-padded candidates -> one bucketed `[B, P]` chunk per row, end to end.
-
-    Packing skips the padding of short candidates (a TextWorld step has 20-50 valid actions of
-    2-12 tokens), and bucketing P keeps the compiled programs few however C and L vary.
-    Returns:
-      `(tokens, segment, offset)`, each `[B, P]` int32: the candidate of each token (-1 on
-      padding) and the token's position within its candidate.
-    """
-    lengths = candidate_mask.sum(-1)  # [B, C]
-    if np.any(candidate_mask != (np.arange(candidate_mask.shape[2]) < lengths[..., None])):
-        raise ValueError("candidates must be right-padded (each candidate's real tokens first)")
-    width = bucket_length(max(int(lengths.sum(1).max()), 1))
-    tokens, segment, offset = (np.zeros((len(lengths), width), np.int32) for _ in range(3))
-    segment[:] = -1
-    for b, row in enumerate(lengths):
-        n = int(row.sum())
-        tokens[b, :n] = candidates[b][candidate_mask[b]]
-        segment[b, :n] = np.repeat(np.arange(len(row)), row)
-        offset[b, :n] = np.arange(n) - np.repeat(np.cumsum(row) - row, row)
-    return tokens, segment, offset
-
-
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
     """Validate a right-padded chunk; returns it as arrays with its real lengths and the static
     key widths to attend over while prefilling it and while decoding `extra` tokens after it."""
@@ -360,7 +203,7 @@ def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: in
     n_real = mask.sum(1)
     if np.any(mask != (np.arange(mask.shape[1])[None] < n_real[:, None])):
         raise ValueError("chunks must be right-padded (each row's real tokens first); "
-                         "use jaxrl_llm.generation.pad_right")
+                         "use jaxrl_llm.padding.pad_right")
     check_tokens(np.where(mask, tokens, 0), model.config.vocab_size)
     used = int(np.max(np.asarray(state.lengths))) + tokens.shape[1]
     max_len = state.cache.max_len

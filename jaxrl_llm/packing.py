@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.generation import bucket_length
+from jaxrl_llm.padding import bucket_length
 from jaxrl_llm.logprobs import head_logprobs
 from jaxrl_llm.model.llama import BranchMask
 

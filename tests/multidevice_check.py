@@ -13,10 +13,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrl_llm.generation import SamplingConfig, generate, pad_right
+from jaxrl_llm.generation import generate
 from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.model.lora import LoraConfig, apply_lora, lora_layers
 from jaxrl_llm.model.quant import quantize_model
+from jaxrl_llm.padding import pad_right
+from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_batch, shard_model
 from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import Trainer

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm import generation
-from jaxrl_llm.generation import (DecodeState, SamplingConfig, extend, generate, generate_from,
-                                  pad_right, top_p_filter)
+from jaxrl_llm import generation, padding
+from jaxrl_llm.generation import DecodeState, extend, generate, generate_from
 from jaxrl_llm.logprobs import token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
+from jaxrl_llm.padding import pad_right
+from jaxrl_llm.sampling import SamplingConfig, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +139,13 @@ def test_incremental_prefill_equals_full_prefill(model):
 
 
 def test_length_groups_split_only_when_padding_shrinks():
-    groups = generation.length_groups([900, 20, 30, 850, 25, 40], group_rows=3)
+    groups = padding.length_groups([900, 20, 30, 850, 25, 40], group_rows=3)
     assert [sorted(g.tolist()) for g in groups] == [[1, 2, 4], [0, 3, 5]]
     # Similar lengths: one group, rows in order (one compiled program).
-    np.testing.assert_array_equal(generation.length_groups([500, 510, 490, 505], 2)[0],
+    np.testing.assert_array_equal(padding.length_groups([500, 510, 490, 505], 2)[0],
                                   np.arange(4))
     with pytest.raises(ValueError, match="group_rows must be >= 1"):
-        generation.length_groups([3], 0)
+        padding.length_groups([3], 0)
 
 
 def test_grouped_prefill_equals_one_batch(model):
@@ -178,7 +179,7 @@ def test_generate_groups_prompts_by_length(model):
     np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(whole.tokens))
     np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(whole.logprobs),
                                atol=1e-5)
-    assert len(generation.length_groups([4, 90, 6, 80], 2)) == 2  # the grouped path ran
+    assert len(padding.length_groups([4, 90, 6, 80], 2)) == 2  # the grouped path ran
 
 
 def test_left_padding_in_generate(model):

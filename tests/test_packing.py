@@ -146,7 +146,8 @@ def test_packed_gold_game_equals_play_on_the_default_model():
     path (prefill the per-step prompt into a KV cache, score the candidates against it)."""
     from jaxrl_llm.data import encode_episode, expert_episodes
     from jaxrl_llm.envs.textworld import GameConfig
-    from jaxrl_llm.generation import DecodeState, extend, pad_right, score_continuations
+    from jaxrl_llm.generation import DecodeState, extend, score_continuations
+    from jaxrl_llm.padding import pad_right
     from jaxrl_llm.model import load_model
     from jaxrl_llm.model.value_head import ValueHead
 

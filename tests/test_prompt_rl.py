@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm.generation import SamplingConfig
 from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.model.lora import TRAINABLE, LoraConfig, apply_lora
+from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.train.prompt_rl import (PromptRLConfig, call_reward_fn, collect, group_advantages,
                                        iteration, last_token_rewards, make_trainer, minibatches,
                                        policy_scores)

@@ -7,11 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrl_llm.generation import bucket_length
 from jaxrl_llm.logprobs import score_responses, token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.packing import pack_episode
+from jaxrl_llm.padding import bucket_length
 from jaxrl_llm.train.sft import (SFTConfig, batches, completion_loss, episode_batches,
                                  packed_choice_loss, packed_completion_loss)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer, micro_batches

@@ -36,10 +36,12 @@ from flax import nnx
 from jaxrl_llm import losses
 from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
                               require_ppo_hyperparameters)
-from jaxrl_llm.generation import SamplingConfig, generate, pad_left
+from jaxrl_llm.generation import generate
 from jaxrl_llm.logprobs import entropy_from_logits, response_hidden_states, token_logprobs
 from jaxrl_llm.model.lora import TRAINABLE
 from jaxrl_llm.model.value_head import ActorCritic
+from jaxrl_llm.padding import pad_left
+from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.train.step import Trainer, TrainState
 
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "dr_grpo")

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.checks import require_at_least_one, require_micro_batches
-from jaxrl_llm.generation import bucket_length, pad_left, pad_right
 from jaxrl_llm.logprobs import score_responses
 from jaxrl_llm.packing import PackedEpisode, collate, packed_forward
+from jaxrl_llm.padding import bucket_length, pad_left, pad_right
 from jaxrl_llm.scoring import action_logprobs
 from jaxrl_llm.train.step import micro_batches
 
