@@ -25,15 +25,3 @@ def require_micro_batches(config, batch_name: str) -> None:
         raise ValueError(f"{_field(config, batch_name, False)}={batch} must be a multiple of "
                          f"micro_batch_size={micro}")
 
-
-def require_ppo_hyperparameters(config) -> None:
-    """The clipped-PPO fields shared by `PPOConfig` and `PromptRLConfig`: a positive ratio clip,
-    gamma and lambda in [0, 1], a non-negative value clip and loss weights."""
-    name = type(config).__name__
-    if not config.clip_eps > 0:
-        raise ValueError(f"{name}.clip_eps must be > 0, got {config.clip_eps}")
-    if not 0 <= config.gamma <= 1 or not 0 <= config.lam <= 1:
-        raise ValueError(f"{name}.gamma and lam must be in [0, 1], got {config.gamma}, "
-                         f"{config.lam}")
-    if min(config.value_clip, config.vf_coef, config.kl_coef, config.entropy_coef) < 0:
-        raise ValueError(f"{name}.value_clip, vf_coef, kl_coef and entropy_coef must be >= 0")

@@ -360,6 +360,29 @@ def ppo_value_loss(values: chex.Array, old_values: chex.Array, returns: chex.Arr
     return aggregate_loss(0.5 * per_token, mask, reduction, norm_constant, return_sum_count)
 
 
+def explained_variance(values: chex.Array, returns: chex.Array, mask: chex.Array) -> chex.Array:
+    """1 - Var[R - V] / Var[R] over the masked entries: how much of the returns' variance the
+    critic explains (1 perfect, 0 no better than a constant, < 0 worse); 0-variance returns
+    count as variance 1e-8.
+
+    Args: values, returns, mask: the same shape (`[B, T]` or `[N]`).
+    Returns: float32 scalar.
+
+    >>> float(explained_variance(jnp.array([1., 2., 0.]), jnp.array([1., 3., 0.]),
+    ...                          jnp.array([1., 1., 0.])))
+    0.75
+    """
+    chex.assert_equal_shape([values, returns, mask])
+    mask = mask.astype(jnp.float32)
+    values, returns = values.astype(jnp.float32), returns.astype(jnp.float32)
+
+    def variance(x):
+        mean = masked_mean(x, mask)
+        return masked_mean(jnp.square(x - mean), mask)
+
+    return 1.0 - variance(returns - values) / jnp.maximum(variance(returns), 1e-8)
+
+
 def kl_k1(logprobs: chex.Array, ref_logprobs: chex.Array) -> chex.Array:
     """k1 = log p - log p_ref (Schulman 2020, http://joschu.net/blog/kl-approx.html): unbiased
     for KL(p || p_ref) on samples from p, high variance, can be < 0. Any shape -> float32."""

@@ -609,3 +609,14 @@ def test_gae_flags_are_keyword_only():
 def test_bad_static_arguments_raise_value_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_explained_variance_equals_numpy_on_the_masked_entries():
+    rng = np.random.default_rng(0)
+    values, returns = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    mask = rng.random((3, 7)) < 0.6
+    want = 1 - np.var((returns - values)[mask]) / np.var(returns[mask])
+    got = losses.explained_variance(jnp.asarray(values), jnp.asarray(returns), jnp.asarray(mask))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Constant returns: the denominator is floored, never a division by zero.
+    assert np.isfinite(losses.explained_variance(jnp.zeros(4), jnp.ones(4), jnp.ones(4)))

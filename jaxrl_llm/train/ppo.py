@@ -29,55 +29,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import losses
-from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
-                              require_ppo_hyperparameters)
 from jaxrl_llm.packing import PackedEpisode, collate, pack_episode, packed_forward
 from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
+from jaxrl_llm.train.hparams import PPOHyperparams
 
 POLICIES = ("action", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyperparameters; defaults are notebook 000's where it sets them.
+class PPOConfig(PPOHyperparams):
+    """Step-level PPO: the shared `PPOHyperparams` (defaults notebook 000's where it sets them)
+    and what this trainer adds.
 
     Attributes:
       learning_rate: Adam step size (1.41e-5, from Hugging Face's PPO trainer).
-      clip_eps: policy ratio clip (0.2).
-      value_clip: clip of the value change around the stored value (0.2; 0 = unclipped).
-      vf_coef: value-loss weight (0.1).
-      entropy_coef: entropy bonus weight (0).
-      gamma, lam: discount and GAE lambda (1.0, 0.95).
       kl_coef: KL-to-reference weight (0.2).
       kl_in: "reward" (k1 penalty subtracted from each step's reward) or "loss" (the exact KL
         over the candidates, or k3 for the sequence policy, added to the loss).
-      epochs: passes over the collected games per iteration.
+      epochs: passes over the collected games per iteration (2).
       minibatch_size: packed sequences (games) per optimizer step; micro_batch_size: per
         forward/backward.
-      whiten_advantages: normalise advantages over the iteration's steps.
       policy: "action" (softmax over valid actions) or "sequence" (free text), see module doc.
       temperature, length_norm: the action policy's softmax temperature and per-token scores
         (must equal the collecting agent's: `agent.AgentConfig`).
     """
 
     learning_rate: float = 1.41e-5
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.2
     kl_in: str = "reward"
     epochs: int = 2
-    minibatch_size: int = 2
-    micro_batch_size: int = 1
-    whiten_advantages: bool = True
     policy: str = "action"
     temperature: float = 1.0
     length_norm: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kl_in not in losses.KL_MODES:
             raise ValueError(f"PPOConfig.kl_in must be one of {losses.KL_MODES}, got "
                              f"{self.kl_in!r}")
@@ -86,9 +71,6 @@ class PPOConfig:
         if not self.learning_rate > 0 or not self.temperature > 0:
             raise ValueError(f"PPOConfig.learning_rate and temperature must be > 0, got "
                              f"{self.learning_rate} and {self.temperature}")
-        require_ppo_hyperparameters(self)
-        require_at_least_one(self, ("epochs", "minibatch_size", "micro_batch_size"))
-        require_micro_batches(self, "minibatch_size")
 
 
 def step_logprobs(out, batch, config: PPOConfig):
@@ -234,7 +216,7 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
             old_value=old_value[group], advantage=advantage[group].astype(np.float32),
             **{"return": returns[group].astype(np.float32)},
             **({} if logpi is None else {"ref_logpi": logpi})))
-    explained = 1 - np.var(returns - old_value) / max(float(np.var(returns)), 1e-8)
+    explained = losses.explained_variance(old_value, returns, np.ones_like(returns))
     stats = dict(env_reward=float(env_reward.sum()), kl_ref_k1=float(kl.mean()),
                  explained_variance=float(explained), transitions=len(transitions),
                  valid_action_rate=float(np.mean([t.valid for t in transitions])),

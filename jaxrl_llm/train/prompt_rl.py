@@ -34,14 +34,14 @@ import optax
 from flax import nnx
 
 from jaxrl_llm import losses
-from jaxrl_llm.checks import (require_at_least_one, require_micro_batches,
-                              require_ppo_hyperparameters)
+from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.generation import generate
 from jaxrl_llm.logprobs import entropy_from_logits, response_hidden_states, token_logprobs
 from jaxrl_llm.model.lora import TRAINABLE
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.padding import pad_left
 from jaxrl_llm.sampling import SamplingConfig
+from jaxrl_llm.train.hparams import PPOHyperparams
 from jaxrl_llm.train.step import Trainer, TrainState
 
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "dr_grpo")
@@ -60,8 +60,10 @@ RewardFn = Callable[[list[list[int]], list[list[int]]], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptRLConfig:
-    """One prompt-level RL algorithm and its hyperparameters.
+class PromptRLConfig(PPOHyperparams):
+    """One prompt-level RL algorithm: the shared `PPOHyperparams` (clip_eps, value_clip and
+    vf_coef, gamma and lam, whiten_advantages for ppo; entropy_coef, kl_coef, epochs and the
+    batch sizes for all) and what this trainer adds.
 
     Attributes:
       algorithm: one of `ALGORITHMS`.
@@ -71,13 +73,8 @@ class PromptRLConfig:
         log-probs are recomputed under the unfiltered policy by a forward pass (trlX's rule,
         notebook 002): ratios start at 1, the samples are slightly off-policy.
       epochs: passes over an iteration's responses (1 for reinforce / rloo: on-policy losses).
-      minibatch_size: responses per optimizer step; micro_batch_size: per forward/backward.
-      clip_eps: ratio clip of the surrogate (0.2).
-      value_clip, vf_coef: clipped value loss and its weight (ppo; 0.2, 0.1 as notebook 000).
-      gamma, lam: discount and GAE lambda over response tokens (ppo; 1.0, 0.95).
-      whiten_advantages: normalise ppo's token advantages over the iteration.
-      entropy_coef: entropy bonus weight (0).
-      kl_coef: initial weight beta of the KL to the reference.
+      minibatch_size: responses per optimizer step (16); micro_batch_size: per forward/backward.
+      kl_coef: initial weight beta of the KL to the reference (0.05).
       kl_in: "reward" (k1 penalty in the reward: per token for ppo, summed over the response
         otherwise) or "loss" (k3 term in the loss, GRPO); None: the paper's (`PAPER_DEFAULTS`).
       kl_target: adaptive KL (Ziegler et al. 2019): target KL per response in nats; None: fixed.
@@ -86,20 +83,12 @@ class PromptRLConfig:
       remat: recompute activations in the backward pass (long prompts, little memory).
     """
 
+    kl_coef: float = 0.05
+    minibatch_size: int = 16
+    micro_batch_size: int = 8
     algorithm: str = "rloo"
     num_samples: int = 4
     sampling: SamplingConfig = SamplingConfig()
-    epochs: int = 1
-    minibatch_size: int = 16
-    micro_batch_size: int = 8
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05
     kl_in: str | None = None
     kl_target: float | None = None
     kl_horizon: float = 10_000.0
@@ -114,18 +103,16 @@ class PromptRLConfig:
             raise ValueError(f"PromptRLConfig.num_samples must be >= 2 for {self.algorithm} (its "
                              f"baseline comes from the other samples of a prompt), got "
                              f"{self.num_samples}")
-        require_at_least_one(self, ("num_samples", "epochs", "minibatch_size",
-                                    "micro_batch_size"))
+        require_at_least_one(self, ("num_samples",))
+        super().__post_init__()
         if self.algorithm not in CLIPPED and self.epochs != 1:
             raise ValueError(f"PromptRLConfig.epochs must be 1 for {self.algorithm} (an on-policy "
                              f"gradient); use grpo, dr_grpo or ppo for several epochs")
-        require_micro_batches(self, "minibatch_size")
         s = self.sampling
         if s.greedy or s.temperature != 1.0:
             raise ValueError("PromptRLConfig.sampling must sample at temperature 1 "
                              "(greedy=False): a policy gradient needs the policy's own "
                              f"distribution; got {s}")
-        require_ppo_hyperparameters(self)
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"PromptRLConfig.kl_target must be > 0 (None: fixed kl_coef), got "
                              f"{self.kl_target}")
@@ -315,10 +302,9 @@ def collect(policy: nnx.Module, reference: nnx.Module, prompts: Sequence[Sequenc
         if config.whiten_advantages:
             advantages = losses.masked_whiten(advantages, mask)
         returns = np.asarray(returns)
-        residual = np.var((returns - values)[mask])
         arrays.update(old_values=values.astype(np.float32), returns=returns)
-        stats.update(value_mean=float(values[mask].mean()),
-                     explained_variance=float(1 - residual / max(np.var(returns[mask]), 1e-8)))
+        stats.update(value_mean=float(values[mask].mean()), explained_variance=float(
+            losses.explained_variance(values, returns, mask)))
     else:
         sequence_rewards = rewards - kl_coef * kl if config.kl_in == "reward" else rewards
         advantages = group_advantages(jnp.asarray(sequence_rewards).reshape(
