@@ -2,7 +2,8 @@
 
 Each game's prompt history lives in a KV cache (`generation.DecodeState`); every step only the
 new pieces (the previous action and the new observation) are prefilled, then the per-step tail is
-sampled from (generate mode) or every valid action is scored against it (score mode).
+sampled from (generate mode) or every valid action is scored against it (score mode: new pieces,
+tail and candidates in one call, for the games still in play only).
 
 Generate mode rule for invalid text: an output that is not one of the valid actions is still sent
 to the game (which answers that it does not understand: a wasted step) and counted as invalid.
@@ -114,7 +115,10 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
     transitions: list[Transition] = []
     last: dict[int, Transition] = {}  # each game's latest transition
     valued: set[int] = set()  # truncated games whose last state has been valued
-    state = context = None
+    state = None
+    # Each game's history ids not yet in the cache. Score mode prefills them in the same call
+    # that scores the step's candidates; generate mode extends the cache with them first.
+    pending: list[list[int]] = []
     # A CPU prefills one row of a few hundred tokens as fast per token as a batch of such rows,
     # so there each game's new text is prefilled at its own width instead of the longest game's;
     # accelerators need the batch (`extend` still keeps one group unless groups save a quarter
@@ -125,20 +129,19 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
                            and g not in valued)
     while any(rows := [not e.done or bootstrap(g) for g, e in enumerate(episodes)]):
         if state is None or config.max_history is not None:
-            # A finished game keeps its row with one token: its history is never read again.
-            context = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
-                       if row else [tokenizer.eos_token_id] for e, row in zip(episodes, rows)]
+            pending = [text.encode_pieces(tokenizer, prompt_pieces(e, config.max_history))
+                       if row else [] for e, row in zip(episodes, rows)]
             state = None  # the old cache is freed before the new one is made, not after
-            empty = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
-            state = extend(model, empty, *pad_right(context, pad_id=tokenizer.eos_token_id),
-                           group_rows=group_rows)
+            state = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
         active = [not e.done for e in episodes]
-        # Finished games still occupy their row: they get a one-token tail and are ignored.
         tail_text = [step_tail(e.valid_actions, config.prompt_style) for e in episodes]
         tails = [text.encode_tail(tokenizer, t) if row else [tokenizer.eos_token_id]
                  for t, row in zip(tail_text, rows)]
         key, step_key = jax.random.split(key)
         if config.mode == "generate":
+            if any(pending):  # rows with nothing new (finished games) are all padding: no-ops
+                state = extend(model, state, *pad_right(pending), group_rows=group_rows)
+            # Finished games still occupy their row: they get a one-token tail and are ignored.
             out, state = generate_from(model, state, *pad_right(tails), step_key, sampling)
             out = jax.tree.map(np.asarray, out)
             actions = text.decode_actions(tokenizer, out.tokens, out.lengths)
@@ -148,12 +151,16 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             if empty := [e.seed for e, row in zip(episodes, rows) if row and not e.valid_actions]:
                 raise ValueError(f"games of seeds {empty} offer no valid action: score mode "
                                  "chooses among them (use mode='generate')")
-            # Rows of finished games score one placeholder: their choice is never used.
+            # Only the rows still in play are computed (all of them on a sharded cache, whose
+            # batch must stay whole: finished rows score a placeholder, never used).
+            scored = ([g for g, row in enumerate(rows) if row]
+                      if len(state.lengths.sharding.device_set) == 1 else range(len(rows)))
             options = [e.valid_actions if row else ["look"] for e, row in zip(episodes, rows)]
             candidates = [[text.encode_action(tokenizer, t, a) for a in opts]
                           for t, opts in zip(tail_text, options)]
-            choices, logprobs, hidden, state = _choose_by_score(model, state, tails, candidates,
-                                                                step_key, config)
+            choices, logprobs, hidden, state = _choose_by_score(
+                model, state, scored, [pending[g] for g in scored],
+                [tails[g] for g in scored], [candidates[g] for g in scored], step_key, config)
             actions = [opts[c] for opts, c in zip(options, choices)]
         values = (np.asarray(value_head(hidden)).tolist() if value_head is not None
                   else [0.0] * len(episodes))
@@ -162,14 +169,14 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
                 last[game] = Transition(
                     game, e.num_steps, actions[game], actions[game] in e.valid_actions,
                     logprob=float(logprobs[game]), value=values[game], choice=int(choices[game]),
-                    context_ids=context[game], tail_ids=tails[game],
+                    context_ids=pending[game], tail_ids=tails[game],
                     candidate_ids=candidates[game])
                 transitions.append(last[game])
             elif rows[game]:
                 last[game].next_value = values[game]
                 valued.add(game)
         episodes = games.step([a if act else None for a, act in zip(actions, active)])
-        context = []
+        pending = []
         for game, is_active in enumerate(active):
             e = episodes[game]
             if is_active:
@@ -179,19 +186,18 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             keep = is_active and (not e.done or bootstrap(game))
             pieces = ([ACTION_SUFFIX.format(actions[game]),
                        OBSERVATION_BLOCK.format(e.num_steps, e.observations[-1])] if keep else [])
-            context.append(text.encode_pieces(tokenizer, pieces))
-        if config.max_history is None and any(context):
-            # Rows with nothing new (finished games) are all padding: no-ops.
-            state = extend(model, state, *pad_right(context), group_rows=group_rows)
+            pending.append(text.encode_pieces(tokenizer, pieces))
         if on_step:
             on_step(episodes)
     return episodes, transitions
 
 
-def _choose_by_score(model, state, tails, encoded, key, config: AgentConfig):
-    """Score every candidate against the cached history; pick by the action-level policy.
+def _choose_by_score(model, state, rows, pending, tails, encoded, key, config: AgentConfig):
+    """Prefill each scored row's pending history with its tail and score every candidate
+    against it, in one call; pick by the action-level policy.
 
-    Returns `(choices [B], log pi(choice) [B], prompt_hidden [B, D], state)`.
+    Returns `(choices [B], log pi(choice) [B], prompt_hidden [B, D], state)`, zeros on the
+    rows not scored.
     """
     num = max(len(c) for c in encoded)
     width = max(len(ids) for c in encoded for ids in c)
@@ -200,15 +206,21 @@ def _choose_by_score(model, state, tails, encoded, key, config: AgentConfig):
     for b, cands in enumerate(encoded):
         for c, ids in enumerate(cands):
             candidates[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
-    (scores, hidden), state = score_continuations(model, state, *pad_right(tails), candidates,
-                                                  mask)
+    prefix = [p + t for p, t in zip(pending, tails)]
+    (scores, hidden), state = score_continuations(
+        model, state, *pad_right(prefix), candidates, mask, keep=[len(p) for p in pending],
+        rows=rows)
     logpi = np.asarray(action_logprobs(scores, mask.any(-1), config.temperature,
                                        mask.sum(-1) if config.length_norm else None))
     if config.greedy:
         choice = logpi.argmax(-1)
     else:
         choice = np.asarray(jax.random.categorical(key, logpi, axis=-1))
-    return choice, logpi[np.arange(len(choice)), choice], hidden, state
+    batch, rows, hidden = state.lengths.shape[0], np.asarray(rows, np.int64), np.asarray(hidden)
+    choices, logprob = np.zeros(batch, np.int64), np.zeros(batch, np.float32)
+    states = np.zeros((batch, hidden.shape[1]), hidden.dtype)
+    choices[rows], logprob[rows], states[rows] = choice, logpi[np.arange(len(rows)), choice], hidden
+    return choices, logprob, states, state
 
 
 BASELINES = ("random", "gold")

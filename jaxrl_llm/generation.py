@@ -159,35 +159,42 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=2)
-def _score_jit(graphdef, params, state: DecodeState, tail, tail_mask, packed, segment, offset,
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=2)
+def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, keep, segment, offset,
                key_width: int):
+    """Rows `rows [G]` of `state`: each feeds its packed row (`padding.pack_candidates`: prefix,
+    then candidates) in one forward; the first `keep [G]` prefix tokens join its history."""
     model = nnx.merge(graphdef, params)
-    n_tail = tail_mask.sum(1, dtype=jnp.int32)
-    # The tail reads the candidates' key width too: one static width per program, not two.
-    hidden, cache = _feed(model, state, tail, key_width)
-    last_tail = jnp.take_along_axis(hidden, (n_tail - 1)[:, None, None], axis=1)  # [B, 1, D]
-    history = state.lengths + n_tail
-    # The candidates are packed end to end in one chunk after the history, flat token i at slot
-    # history + i but with RoPE position history + offset[i]: each is scored as if it were the
-    # only continuation. Token i sees the history and the tokens of its own candidate up to i.
-    index = jnp.arange(packed.shape[1])
-    start = index[None] - offset  # [B, P] flat index of each token's candidate start
-    relative = jnp.arange(key_width)[None, None, :] - history[:, None, None]  # [B, 1, S]
-    attn_mask = (relative < 0) | ((relative >= start[:, :, None])
-                                  & (relative <= index[None, :, None]))
-    cand_hidden, cache = model.hidden_states(packed, history[:, None] + offset, attn_mask, cache)
-    # A candidate's first token is predicted by the last tail token, token i by token i-1.
-    previous = jnp.concatenate([last_tail, cand_hidden[:, :-1]], axis=1)
-    predicting = jnp.where((offset == 0)[..., None], last_tail, previous)
-    logprobs = token_logprobs(model.logits(predicting), packed)
-    # Summed per candidate into P slots (`score_continuations` numbers the non-empty ones, at
-    # most P), so that the number of candidates is not a static shape; padding (segment -1) is
-    # sent out of range and dropped.
-    rows = jnp.arange(packed.shape[0])[:, None]
-    scores = jnp.zeros(packed.shape, jnp.float32).at[
-        rows, jnp.where(segment < 0, packed.shape[1], segment)].add(logprobs, mode="drop")
-    return (scores, last_tail[:, 0]), DecodeState(cache=cache, lengths=state.lengths)
+    # Only these rows' first `key_width` slots are copied out and written back.
+    cache = jax.tree.map(lambda c: c[rows, :, :key_width], state.cache)
+    lengths = state.lengths[rows]
+    index = jnp.arange(tokens.shape[1])[None]  # [1, W]
+    in_prefix = index < n_prefix[:, None]  # [G, W]
+    # Flat token i goes to slot lengths + i. Its RoPE position is lengths + i in the prefix, and
+    # lengths + n_prefix + offset[i] in a candidate: each candidate is scored as if it were the
+    # only continuation. A prefix token sees the history and the prefix up to itself; a
+    # candidate token also sees the tokens of its own candidate up to itself.
+    positions = lengths[:, None] + jnp.where(in_prefix, index, n_prefix[:, None] + offset)
+    start = jnp.where(in_prefix, 0, index - offset)[..., None]  # [G, W, 1] own candidate's start
+    relative = jnp.arange(key_width)[None, None, :] - lengths[:, None, None]  # [G, 1, S]
+    attn_mask = (relative < 0) | ((relative <= index[..., None])
+                                  & ((relative < n_prefix[:, None, None]) | (relative >= start)))
+    hidden, cache = model.hidden_states(tokens, positions, attn_mask, cache)
+    decision = jnp.take_along_axis(hidden, (n_prefix - 1)[:, None, None], axis=1)  # [G, 1, D]
+    # A candidate's first token is predicted by the last prefix token, token i by token i-1.
+    previous = jnp.concatenate([decision, hidden[:, :-1]], axis=1)
+    predicting = jnp.where((offset == 0)[..., None], decision, previous)
+    logprobs = token_logprobs(model.logits(predicting), tokens)
+    # Summed per candidate into W slots (there are at most W candidates), so that the number of
+    # candidates is not a static shape; prefix and padding (segment -1) are dropped.
+    width = tokens.shape[1]
+    scores = jnp.zeros(tokens.shape, jnp.float32).at[
+        jnp.arange(len(rows))[:, None], jnp.where(segment < 0, width, segment)].add(
+        logprobs, mode="drop")
+    put = lambda c, g: c.at[rows, :, :key_width].set(g)
+    state = DecodeState(cache=jax.tree.map(put, state.cache, cache),
+                        lengths=state.lengths.at[rows].set(lengths + keep))
+    return (scores, decision[:, 0]), state
 
 
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
@@ -267,43 +274,71 @@ def generate_from(model: Transformer, state: DecodeState, tail_tokens, tail_mask
 
 
 def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tail_mask,
-                        candidates, candidate_mask
+                        candidates, candidate_mask, keep=None, rows=None
                         ) -> tuple[tuple[jax.Array, jax.Array], DecodeState]:
     """Summed log-prob of each candidate continuation of `history + tail`, one forward pass.
 
     This is how an agent picks among valid actions: every candidate is scored against the
-    cached history without copying the cache per candidate, and the candidates are packed end
-    to end (`pack_candidates`) so padding costs no compute.
+    cached history without copying the cache per candidate, and tail and candidates are packed
+    end to end in one row (`padding.pack_candidates`) so padding costs no compute. A step's new
+    history text can lead the tail (`keep`): it is prefilled in the same call.
 
     Args:
       model: the decoder.
-      state: histories in the cache (donated: use the returned state, which is unchanged).
-      tail_tokens: `[B, T]` right-padded tail (>= 1 real token per row); tail_mask `[B, T]`.
-      candidates: `[B, C, L]` right-padded candidate token ids (e.g. " take knife" + EOS).
-      candidate_mask: `[B, C, L]` bool; an all-False candidate scores 0 (mask it out after).
+      state: histories in the cache (donated: use the returned state).
+      tail_tokens: `[G, T]` right-padded tail (>= 1 real token per row); tail_mask `[G, T]`.
+      candidates: `[G, C, L]` right-padded candidate token ids (e.g. " take knife" + EOS).
+      candidate_mask: `[G, C, L]` bool; an all-False candidate scores 0 (mask it out after).
+      keep: `[G]` leading tail tokens of each row that stay in its history (default none: the
+        history is left unchanged).
+      rows: `[G]` the state rows these are (default all, G = B); the other rows are untouched,
+        and cost nothing.
     Returns:
-      `((scores [B, C] float32, prompt_hidden [B, D]), state)`: prompt_hidden is the final
+      `((scores [G, C] float32, prompt_hidden [G, D]), state)`: prompt_hidden is the final
       hidden state of the last tail token (a value head's input).
     """
     candidates, candidate_mask = np.asarray(candidates), np.asarray(candidate_mask, bool)
+    tail_tokens, tail_mask = np.asarray(tail_tokens), np.asarray(tail_mask, bool)
     if candidates.ndim != 3 or candidates.shape != candidate_mask.shape:
-        raise ValueError(f"candidates and candidate_mask must both be [B, C, L], got "
+        raise ValueError(f"candidates and candidate_mask must both be [G, C, L], got "
                          f"{candidates.shape} and {candidate_mask.shape}")
+    if tail_tokens.ndim != 2 or tail_tokens.shape != tail_mask.shape:
+        raise ValueError(f"tail_tokens and tail_mask must both be [G, T], got "
+                         f"{tail_tokens.shape} and {tail_mask.shape}")
+    batch = state.lengths.shape[0]
+    rows = np.arange(batch) if rows is None else np.asarray(rows, np.int32)
+    if not len(tail_tokens) == len(candidates) == len(rows):
+        raise ValueError(f"{len(tail_tokens)} tails and {len(candidates)} candidate sets for "
+                         f"{len(rows)} rows of a state of {batch}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= batch or len(set(rows)) < len(rows)):
+        raise ValueError(f"rows must be distinct rows of the state's {batch}, got "
+                         f"{rows.tolist()}")
     check_tokens(np.where(candidate_mask, candidates, 0), model.config.vocab_size)
-    tokens, segment, offset = pack_candidates(candidates, candidate_mask)
-    # `_score_jit` sums into one of P slots per non-empty candidate (there are at most P);
-    # empty candidates may sit anywhere, so the others are numbered densely and mapped back.
-    nonempty = candidate_mask.any(-1)  # [B, C]
-    slot = np.maximum(np.cumsum(nonempty, axis=1) - 1, 0)
-    segment = np.where(segment >= 0, np.take_along_axis(slot, np.maximum(segment, 0), axis=1), -1)
-    tail_tokens, tail_mask, n_real, (_, key_width) = _check_chunk(
-        model, state, tail_tokens, tail_mask, extra=tokens.shape[1])
-    if np.any(n_real == 0):
-        raise ValueError("every row needs at least one tail token to condition on")
+    check_tokens(np.where(tail_mask, tail_tokens, 0), model.config.vocab_size)
+    tokens, n_prefix, segment, offset = pack_candidates(tail_tokens, tail_mask, candidates,
+                                                        candidate_mask)
+    keep = np.zeros(len(rows), np.int32) if keep is None else np.asarray(keep, np.int32)
+    if keep.shape != (len(rows),) or np.any(keep < 0) or np.any(keep > n_prefix):
+        raise ValueError(f"keep must be [G] counts within each row's tail, got {keep.tolist()} "
+                         f"for tails of {n_prefix.tolist()} tokens")
+    used = int(np.asarray(state.lengths)[rows].max()) + tokens.shape[1]
+    if used > state.cache.max_len:
+        raise ValueError(f"prompt needs {used} cache slots but the cache holds "
+                         f"{state.cache.max_len}: use a larger max_len (or shorter history)")
+    # A power-of-two number of rows (at most B), the last real one repeated: finished games
+    # cost no compute, and a run compiles few programs.
+    group = min(1 << (len(rows) - 1).bit_length(), batch)
+    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], group - len(rows), axis=0)])
+    arrays = [fill(x) for x in (rows, tokens, n_prefix, keep, segment, offset)]
+    # Copies of a row are computed alike, so writing them back agrees.
     graphdef, params = nnx.split(model)
-    (sums, hidden), state = _score_jit(
-        graphdef, params, state, tail_tokens, tail_mask,
-        *place_like(state.lengths, tokens, segment, offset), key_width)
+    (sums, hidden), state = _score_jit(graphdef, params, state,
+                                       *place_like(state.lengths, *arrays),
+                                       min(bucket_length(used), state.cache.max_len))
+    sums, hidden = sums[:len(rows)], hidden[:len(rows)]
+    # Scores sit in the dense slots of the non-empty candidates: mapped back to their columns.
+    nonempty = candidate_mask.any(-1)  # [G, C]
+    slot = np.maximum(np.cumsum(nonempty, axis=1) - 1, 0)
     scores = jnp.where(nonempty, jnp.take_along_axis(sums, jnp.asarray(slot), axis=1), 0.0)
     return (scores, hidden), state
 

@@ -70,24 +70,40 @@ def pad_left(sequences: Sequence[Sequence[int]], width: int | None = None,
     return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
 
 
-def pack_candidates(candidates, candidate_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`[B, C, L]` right-padded candidates -> one bucketed `[B, P]` chunk per row, end to end.
+def pack_candidates(prefix, prefix_mask, candidates, candidate_mask
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A prefix and its candidate continuations, end to end in one bucketed `[B, W]` row.
 
-    Packing skips the padding of short candidates (a TextWorld step has 20-50 valid actions of
-    2-12 tokens), and bucketing P keeps the compiled programs few however C and L vary.
+    Row b holds its `n_prefix[b]` prefix tokens, then every non-empty candidate's tokens, then
+    padding. Packing skips the padding of short candidates (a TextWorld step has 20-50 valid
+    actions of 2-12 tokens), and one bucketed width W keeps the compiled programs few however
+    the prefix, the number of candidates and their lengths vary.
+
+    Args:
+      prefix: `[B, T]` right-padded ids (>= 1 real token per row); prefix_mask: `[B, T]` bool.
+      candidates: `[B, C, L]` right-padded candidate ids; candidate_mask: `[B, C, L]` bool (an
+        all-False candidate is left out).
     Returns:
-      `(tokens, segment, offset)`, each `[B, P]` int32: the candidate of each token (-1 on
-      padding) and the token's position within its candidate.
+      `(tokens [B, W], n_prefix [B], segment [B, W], offset [B, W])`, int32: segment numbers
+      each row's non-empty candidates densely (0, 1, ...; -1 on prefix and padding), offset is
+      a token's index within its candidate (within the prefix, for prefix tokens).
     """
+    prefix, prefix_mask = np.asarray(prefix), np.asarray(prefix_mask, bool)
+    n_prefix = prefix_mask.sum(1).astype(np.int32)
     lengths = candidate_mask.sum(-1)  # [B, C]
-    if np.any(candidate_mask != (np.arange(candidate_mask.shape[2]) < lengths[..., None])):
-        raise ValueError("candidates must be right-padded (each candidate's real tokens first)")
-    width = bucket_length(max(int(lengths.sum(1).max()), 1))
+    for mask, what in ((prefix_mask, "prefix"), (candidate_mask, "candidates")):
+        if np.any(mask != (np.arange(mask.shape[-1]) < mask.sum(-1)[..., None])):
+            raise ValueError(f"{what} must be right-padded (each row's real tokens first)")
+    if np.any(n_prefix == 0):
+        raise ValueError("every row needs at least one prefix token to condition on")
+    width = bucket_length(int((n_prefix + lengths.sum(1)).max()))
     tokens, segment, offset = (np.zeros((len(lengths), width), np.int32) for _ in range(3))
     segment[:] = -1
     for b, row in enumerate(lengths):
+        k, row = int(n_prefix[b]), row[row > 0]
         n = int(row.sum())
-        tokens[b, :n] = candidates[b][candidate_mask[b]]
-        segment[b, :n] = np.repeat(np.arange(len(row)), row)
-        offset[b, :n] = np.arange(n) - np.repeat(np.cumsum(row) - row, row)
-    return tokens, segment, offset
+        tokens[b, :k], offset[b, :k] = prefix[b, :k], np.arange(k)
+        tokens[b, k:k + n] = candidates[b][candidate_mask[b]]
+        segment[b, k:k + n] = np.repeat(np.arange(len(row)), row)
+        offset[b, k:k + n] = np.arange(n) - np.repeat(np.cumsum(row) - row, row)
+    return tokens, n_prefix, segment, offset

@@ -202,6 +202,57 @@ def test_bucketing_bounds_compiles(model):
     assert generation.compile_count() - before == 1
 
 
+def candidate_arrays(rows):
+    width = max(len(ids) for cands in rows for ids in cands)
+    cand = np.zeros((len(rows), max(map(len, rows)), width), np.int32)
+    mask = np.zeros(cand.shape, bool)
+    for b, cands in enumerate(rows):
+        for c, ids in enumerate(cands):
+            cand[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
+    return cand, mask
+
+
+def reference_scores(model, context, cands):
+    out = []
+    for ids in cands:
+        logits = full_logits(model, [context + ids])[:, len(context) - 1:-1]
+        out.append(float(jnp.sum(token_logprobs(jnp.asarray(logits), jnp.asarray([ids])))))
+    return out
+
+
+def test_score_continuations_prefills_kept_history_and_skips_other_rows(model):
+    from jaxrl_llm.generation import score_continuations
+
+    vocab = model.config.vocab_size
+    history, new, tail = (random_prompts(n, vocab, seed) for n, seed in
+                          (([9, 4, 6], 30), ([5, 12, 3], 31), ([2, 3, 1], 32)))
+    cands = [random_prompts(n, vocab, 33 + b) for b, n in enumerate([[2, 3], [4, 1, 2], [3]])]
+    state = extend(model, DecodeState.empty(model.config, 3, 96), *pad_right(history))
+    # Rows 2 and 0 (in that order) feed new history + tail; row 1 is left alone.
+    scored = [2, 0]
+    (scores, _), state = score_continuations(
+        model, state, *pad_right([new[b] + tail[b] for b in scored]),
+        *candidate_arrays([cands[b] for b in scored]), keep=[len(new[b]) for b in scored],
+        rows=scored)
+    for i, b in enumerate(scored):
+        want = reference_scores(model, history[b] + new[b] + tail[b], cands[b])
+        np.testing.assert_allclose(np.asarray(scores)[i, :len(want)], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state.lengths), [9 + 5, 4, 6 + 3])
+    # The kept text is history now (and row 1's is untouched): a plain scoring step agrees with
+    # the full forward of every row's whole context.
+    (scores, _), state = score_continuations(model, state, *pad_right(tail),
+                                             *candidate_arrays(cands))
+    for b, kept in enumerate([history[0] + new[0], history[1], history[2] + new[2]]):
+        want = reference_scores(model, kept + tail[b], cands[b])
+        np.testing.assert_allclose(np.asarray(scores)[b, :len(want)], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keep must be"):
+        score_continuations(model, state, *pad_right(tail), *candidate_arrays(cands),
+                            keep=[9, 0, 0])
+    with pytest.raises(ValueError, match="distinct rows"):
+        score_continuations(model, state, *pad_right(tail[:2]), *candidate_arrays(cands[:2]),
+                            rows=[1, 1])
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
