@@ -91,6 +91,7 @@ class Config:
     eval_every: int = 10  # RL iterations between held-out evaluations
     seed: int = 0
     run_dir: str = "runs/arithmetic_rlhf"
+    tensorboard: bool = False  # also write TensorBoard event files to <run-dir>/tb
 
     def __post_init__(self):
         require_at_least_one(self, ("max_value", "max_difference", "min_terms", "d_model",
@@ -366,7 +367,7 @@ def rlhf(policy, tokenizer, reward_fn, train_problems, heldout, config: Config, 
 
 def main(config: Config) -> dict:
     run = RunDir(config.run_dir, config, stage="rl", x="iteration", keys=CURVES,
-                 title="Arithmetic RLHF (PPO)")
+                 title="Arithmetic RLHF (PPO)", tensorboard=config.tensorboard)
     log = run.log
 
     rng = np.random.default_rng(config.seed)

@@ -111,6 +111,7 @@ class Config:
     eval_prompts: int = 16  # held-out prompts, scored before and after
     seed: int = 0
     run_dir: str = "runs/text_reinforce"
+    tensorboard: bool = False  # also write TensorBoard event files to <run-dir>/tb
 
     def __post_init__(self):
         require_at_least_one(self, ("iterations", "prompts_per_iteration", "eval_prompts",
@@ -205,7 +206,8 @@ def train_arm(base, tokenizer, splits, reward_fn, algorithm: str, kl_coef: float
                   before=evaluate(reference, reference, eval_prompts, reward_fn, eval_key,
                                   rl_config, tokenizer))
     run = RunDir(run_dir, config, stage="rl", x="iteration", keys=CURVES,
-                 title=f"{config.task}: {algorithm}, kl_coef {kl_coef}")
+                 title=f"{config.task}: {algorithm}, kl_coef {kl_coef}",
+                 tensorboard=config.tensorboard)
     rng = np.random.default_rng(config.seed)
     start = time.time()
     bar = tqdm(range(config.iterations), desc=arm_name(algorithm, kl_coef), unit="iter")

@@ -96,6 +96,7 @@ class Config:
     mesh: tuple[int, ...] = (-1, 1, 1)  # data, fsdp, tensor axis sizes (-1: the rest)
     seed: int = 0  # model init, SFT shuffles and the run's JAX key
     run_dir: str = "runs/textworld_ppo"  # outputs; rerun with the same one to resume
+    tensorboard: bool = False  # also write TensorBoard event files to <run-dir>/tb
 
     def __post_init__(self):
         require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",
@@ -361,7 +362,7 @@ def ppo(model, tokenizer, config: Config, key, run: RunDir, mesh) -> nnx.Module:
 
 def main(config: Config) -> dict:
     run = RunDir(config.run_dir, config, stage="ppo", x="iteration", keys=CURVES,
-                 title="TextWorld PPO")
+                 title="TextWorld PPO", tensorboard=config.tensorboard)
     key = jax.random.key(config.seed)
     print(f"loading model ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}, "
           f"{config.quantize or 'float'} base, LoRA r={config.lora_rank})", flush=True)

@@ -47,11 +47,14 @@ class RunDir:
     """An experiment's output directory: config.json, metrics.jsonl and curves.png.
 
     `log(record)` appends the record and, for records of `stage`, redraws the curves of `keys`
-    against `x`, so the picture is current whenever a run is stopped.
+    against `x`, so the picture is current whenever a run is stopped. With `tensorboard`, every
+    number of every record also goes to TensorBoard event files in `tb/` (tag `stage/key`, step
+    the record's `x` or `step`), flushed at each record.
     """
 
     def __init__(self, path: str, config, stage: str, x: str, keys: Sequence[str],
-                 title: str = ""):
+                 title: str = "", tensorboard: bool = False):
+        writer = _tensorboard_writer(os.path.join(path, "tb")) if tensorboard else None
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=2)
@@ -59,11 +62,18 @@ class RunDir:
         self.curves_path = os.path.join(path, "curves.png")
         self._metrics = MetricsLog(self.metrics_path)
         self._plot = dict(stage=stage, x=x, keys=keys, title=title)
+        self._writer = writer
 
     def log(self, record: dict) -> None:
         self._metrics.write(record)
         if record.get("stage") == self._plot["stage"]:
             plot_curves(read_jsonl(self.metrics_path), self.curves_path, **self._plot)
+        if self._writer is not None:
+            step = record.get(self._plot["x"], record.get("step"))
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{record.get('stage', 'run')}/{key}", value, step)
+            self._writer.flush()
 
     def rewind(self, drop: Callable[[dict], bool]) -> None:
         """Remove the records `drop` selects: the work a resumed run is about to redo (logged
@@ -82,6 +92,17 @@ class RunDir:
 
     def close(self) -> None:
         self._metrics.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _tensorboard_writer(directory: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ImportError("--tensorboard needs tensorboardX: pip install "
+                          "'jaxrl_llm[tensorboard]' (or pip install tensorboardX)") from None
+    return SummaryWriter(directory)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -1,5 +1,6 @@
 """Metrics JSONL survives a kill mid-write; plots keep the last record of a resumed iteration."""
 
+import dataclasses
 import os
 
 from jaxrl_llm.metrics import MetricsLog, plot_curves, read_jsonl
@@ -35,8 +36,6 @@ def test_plot_curves_writes_a_png_and_skips_absent_keys(tmp_path, monkeypatch):
 
 
 def test_rewind_drops_the_work_a_resumed_run_redoes(tmp_path):
-    import dataclasses
-
     from jaxrl_llm.metrics import RunDir
 
     @dataclasses.dataclass
@@ -51,3 +50,39 @@ def test_rewind_drops_the_work_a_resumed_run_redoes(tmp_path):
     run.close()
     assert [(r["iteration"], r["reward"]) for r in read_jsonl(run.metrics_path)] == [
         (1, 0.1), (2, 0.25)]
+
+
+def read_scalars(directory):
+    """(tag, step, value) of every scalar in the TensorBoard event files of `directory`."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        at = 0
+        while at < len(data):  # TFRecord framing: length, its crc, payload, its crc
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return scalars
+
+
+def test_run_dir_writes_every_number_to_tensorboard(tmp_path):
+    from jaxrl_llm.metrics import RunDir
+
+    @dataclasses.dataclass
+    class Config:
+        seed: int = 0
+
+    run = RunDir(str(tmp_path), Config(), stage="ppo", x="iteration", keys=("reward",),
+                 tensorboard=True)
+    run.log(dict(stage="sft", step=3, loss=0.5, done=True, note="text"))
+    run.log(dict(stage="ppo", iteration=1, reward=0.25))
+    run.close()
+    scalars = read_scalars(os.path.join(tmp_path, "tb"))
+    assert ("sft/loss", 3, 0.5) in scalars and ("ppo/reward", 1, 0.25) in scalars
+    assert not any(tag.endswith(("/done", "/note")) for tag, _, _ in scalars)
