@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.padding import bucket_length
 from jaxrl_llm.logprobs import head_logprobs
 from jaxrl_llm.model.llama import BranchMask
+from jaxrl_llm.padding import bucket_length
 
 
 @dataclasses.dataclass(frozen=True)

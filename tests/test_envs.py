@@ -261,7 +261,7 @@ def test_baselines_gold_solves_with_room_and_random_is_valid():
 @pytest.mark.parametrize("policy", ["random", "gold"])
 def test_one_play_at_the_largest_limit_summarizes_every_limit(policy):
     """Cutting episodes played at limit 24 to 12 gives what playing at limit 12 gives; the gold
-    path succeeds in some games within 24 steps but in none within 12 (FACTS: 10-26 steps)."""
+    path succeeds in some games within 24 steps but in none within 12 (gold paths have 10-26 steps)."""
     from jaxrl_llm.agent import play_baseline
     from jaxrl_llm.evaluation import evaluate_policy, summarize_limits
 

@@ -24,8 +24,8 @@ from flax import nnx
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrl_llm.padding import bucket_length
 from jaxrl_llm.model.lora import TRAINABLE
+from jaxrl_llm.padding import bucket_length
 from jaxrl_llm.sharding import (MeshConfig, make_mesh, opt_state_shardings, shard_batch,
                                 state_shardings)
 
