@@ -44,10 +44,11 @@ from jaxrl_llm.packing import check_episodes, packed_forward
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
 from jaxrl_llm.train.sft import (SFTConfig, episode_batches, gold_action_accuracy,
-                                 packed_completion_loss)
+                                 packed_choice_loss, packed_completion_loss)
 from jaxrl_llm.train.step import NonFiniteGuard, OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu", "gpu")
+SFT_LOSSES = ("choice", "completion")
 CURVES = ("mean_score", "success_rate", "env_reward", "kl_ref", "entropy", "clip_fraction",
           "approx_kl", "explained_variance", "value_loss", "policy_loss", "valid_action_rate",
           "env_steps_per_s")
@@ -63,7 +64,7 @@ class Config:
     lora_alpha: float = 32.0  # LoRA scale alpha (the update is alpha / r * B A)
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
     prompt_style: str = "compact"  # "notebook": the tail lists the valid actions
-    train_games: int = 48  # gold paths of train seeds 0..N-1 for SFT
+    train_games: int = 64  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1
     eval_step_limits: tuple[int, ...] = (16, 32)  # evaluation step limits (one play, cut)
@@ -73,7 +74,11 @@ class Config:
     collect_mode: str = "score"  # how PPO collects (and so which policy it trains)
     temperature: float = 1.0  # of the action softmax (score mode) or the sampler (generate)
     length_norm: bool = False  # score mode: per-token mean action log-probs
-    sft_epochs: int = 2  # passes over the SFT games
+    # "choice": cross-entropy of the action-level policy (the gold action against other valid
+    # actions) plus the gold action's NLL; "completion": the gold action's NLL only.
+    sft_loss: str = "choice"
+    sft_negatives: int = 4  # choice loss: other valid actions per step scored against the gold
+    sft_epochs: int = 1  # passes over the SFT games
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
     sft_learning_rate: float = 3e-4  # AdamW peak learning rate (warmup, then linear decay)
@@ -102,6 +107,7 @@ class Config:
         require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",
                                     "sft_epochs", "ppo_step_limit", "env_workers"), cli=True)
         for flag, value, allowed in (("--prompt-style", self.prompt_style, PROMPT_STYLES),
+                                     ("--sft-loss", self.sft_loss, SFT_LOSSES),
                                      ("--agent-mode", self.agent_mode, MODES),
                                      ("--collect-mode", self.collect_mode, MODES)):
             if value not in allowed:
@@ -115,6 +121,8 @@ class Config:
                              "recomputes untempered token log-probs of the sampled actions")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.sft_negatives < 0:
+            raise ValueError(f"--sft-negatives must be >= 0, got {self.sft_negatives}")
         if self.dev_games < 0 or self.ppo_iterations < 0:
             raise ValueError(f"--dev-games and --ppo-iterations must be >= 0, got "
                              f"{self.dev_games} and {self.ppo_iterations}")
@@ -213,12 +221,15 @@ def packed_scorer(model):
     return lambda batch: forward(state, batch)
 
 
-def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidates: bool):
-    """Gold paths of seeds 0..N-1 of `fold` as packed episodes, and each step's gold index."""
+def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidates: bool,
+                  negatives: int | None = None):
+    """Gold paths of seeds 0..N-1 of `fold` as packed episodes, and each step's gold index
+    (leaves: the gold action, every valid action, or the gold and `negatives` others)."""
     rows = expert_episodes(GameConfig(), range(num_games), fold,
                            cache_dir=os.path.join(config.run_dir, "data"))
+    rng = np.random.default_rng((config.seed, num_games))
     encoded = [encode_episode(tokenizer, row, config.prompt_style, config.max_history,
-                              candidates) for row in rows]
+                              candidates, negatives, rng) for row in rows]
     episodes = [e for packed, _ in encoded for e in packed]
     # A sliding history makes one episode per step, each with its one gold index.
     gold = [[g] for _, steps in encoded for g in steps] if config.max_history is not None \
@@ -234,7 +245,9 @@ def dev_accuracy(model, tokenizer, config: Config, dev) -> dict:
 
 def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module, float]:
     """LoRA SFT on the gold paths of train seeds 0..N-1; returns the tuned model."""
-    episodes, _ = gold_episodes(tokenizer, config, "train", config.train_games, False)
+    choice = config.sft_loss == "choice"
+    episodes, gold = gold_episodes(tokenizer, config, "train", config.train_games, choice,
+                                   config.sft_negatives if choice else None)
     dev = (gold_episodes(tokenizer, config, "dev", config.dev_games, True)
            if config.dev_games else None)
     check_episodes(episodes + (dev[0] if dev else []), model.config.max_seq_len,
@@ -244,9 +257,10 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
     optimizer = make_optimizer(OptimConfig(
         learning_rate=config.sft_learning_rate, warmup_steps=max(1, steps_per_epoch // 10),
         total_steps=steps_per_epoch * config.sft_epochs + 1))
-    trainer = Trainer(model, optimizer,
-                      functools.partial(packed_completion_loss, remat=sft_config.remat),
-                      mesh=mesh)
+    loss = (functools.partial(packed_choice_loss, temperature=config.temperature,
+                              length_norm=config.length_norm, remat=sft_config.remat)
+            if choice else functools.partial(packed_completion_loss, remat=sft_config.remat))
+    trainer = Trainer(model, optimizer, loss, mesh=mesh)
     state = trainer.init()
     checkpoints = checkpointer(config, "sft")
     restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
@@ -256,17 +270,19 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
     run.rewind(lambda r: r["stage"] in ("sft", "sft_dev"))  # a killed SFT starts over
     start = time.time()
     tokens = sum(e.num_tokens for e in episodes)
-    print(f"SFT on {len(episodes)} sequences ({tokens} tokens, "
+    print(f"SFT ({config.sft_loss} loss) on {len(episodes)} sequences ({tokens} tokens, "
           f"{sum(len(e.targets) for e in episodes)} action tokens)", flush=True)
     bar = tqdm(total=steps_per_epoch * config.sft_epochs, desc="SFT", unit="step")
     guard = NonFiniteGuard()
     for epoch in range(config.sft_epochs):
-        for batch in episode_batches(episodes, sft_config, epoch, pad_id=tokenizer.eos_token_id):
+        for batch in episode_batches(episodes, sft_config, epoch, pad_id=tokenizer.eos_token_id,
+                                     gold=gold if choice else None):
             state, metrics = trainer.step(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
             guard(metrics, f"SFT step {int(state.step)}")
             bar.update()
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
+            accuracy = metrics["choice_accuracy" if choice else "token_accuracy"]
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{accuracy:.2f}")
             run.log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
                      wall_time=time.time() - start))
         if dev:

@@ -20,6 +20,7 @@ import os
 from typing import Sequence
 
 import datasets
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrl_llm import text
@@ -73,7 +74,8 @@ def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
 
 
 def encode_episode(tokenizer, row: dict, style: str = "compact",
-                   max_history: int | None = None, candidates: bool = False
+                   max_history: int | None = None, candidates: bool = False,
+                   negatives: int | None = None, rng: np.random.Generator | None = None
                    ) -> tuple[list[PackedEpisode], list[int]]:
     """A row of `expert_episodes` as packed episodes and each step's gold candidate index.
 
@@ -81,13 +83,21 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
     window of k steps each step is a one-step episode of its own prompt (the window changes
     the history, so it cannot be shared). Leaves are the gold action (`candidates=False`, for
     SFT) or every valid action (for the action-level policy); the gold index is -1 where the
-    gold action is not among the valid ones (the expert data is not perfectly clean).
+    gold action is not among the valid ones (the expert data is not perfectly clean). With
+    `negatives=k` (and `candidates`), a step's leaves are the gold action (index 0) and k other
+    valid actions drawn by `rng` (all of them if fewer): a sampled choice among fewer tokens.
     """
     check_style(style)
+    if negatives is not None and (not candidates or negatives < 0 or rng is None):
+        raise ValueError(f"negatives={negatives} needs candidates=True, a count >= 0 and an rng")
     tails, leaves, gold = [], [], []
     for valid, action in zip(row["valid_actions"], row["actions"]):
         tail = step_tail(valid, style)
         options = valid if candidates else [action]
+        if negatives is not None:
+            others = [a for a in valid if a != action]
+            picked = rng.choice(len(others), min(negatives, len(others)), replace=False)
+            options = [action] + [others[i] for i in sorted(picked)]
         tails.append(text.encode_tail(tokenizer, tail))
         leaves.append([text.encode_action(tokenizer, tail, a) for a in options])
         gold.append(options.index(action) if action in options else -1)

@@ -217,6 +217,27 @@ def test_encoded_gold_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_
         for v, a in zip(row["valid_actions"], row["actions"]))
 
 
+def test_sampled_negatives_are_the_gold_action_and_k_other_valid_ones(tmp_path):
+    from jaxrl_llm.data import encode_episode, expert_episodes
+
+    tokenizer = ByteTokenizer()
+    (row,) = expert_episodes(GameConfig(), [3], "train", cache_dir=str(tmp_path), progress=False)
+    encode = lambda seed, k=3: encode_episode(tokenizer, row, "compact", candidates=True,
+                                              negatives=k, rng=np.random.default_rng(seed))
+    (packed,), gold = encode(0)
+    assert gold == [0] * len(row["actions"])
+    decode = lambda ids: tokenizer.decode(ids).strip()
+    for s, (valid, action) in enumerate(zip(row["valid_actions"], row["actions"])):
+        leaves = [decode(packed.tokens[(packed.branch == s) & (packed.leaf == c)].tolist()[:-1])
+                  for c in range(packed.leaf_lengths.shape[1]) if packed.leaf_lengths[s, c]]
+        assert leaves[0] == action and len(leaves) == 1 + min(3, len(valid) - 1)
+        assert len(set(leaves)) == len(leaves) and set(leaves[1:]) <= set(valid) - {action}
+    assert encode(0)[0][0].tokens.tolist() == packed.tokens.tolist()  # seeded
+    assert encode(1)[0][0].tokens.tolist() != packed.tokens.tolist()
+    with pytest.raises(ValueError, match="negatives"):
+        encode_episode(tokenizer, row, "compact", negatives=3, rng=np.random.default_rng(0))
+
+
 def test_expert_dataset_round_trips_through_cache(tmp_path):
     from jaxrl_llm.data import expert_dataset
 

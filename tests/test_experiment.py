@@ -89,7 +89,7 @@ def test_cli_errors():
         parse_args(["--preset", "smoke", "--num-envs", "0"])
     with pytest.raises(ValueError, match="--eval-step-limits must be one or more limits >= 1"):
         Config.preset("smoke", eval_step_limits=(16, 0))
-    for flag in ("--prompt-style", "--agent-mode", "--collect-mode"):
+    for flag in ("--prompt-style", "--agent-mode", "--collect-mode", "--sft-loss"):
         with pytest.raises(ValueError, match=f"{flag} must be one of"):
             parse_args(["--preset", "smoke", flag, "chat"])
     with pytest.raises(ValueError, match="--quantize must be one of"):
@@ -112,7 +112,8 @@ def test_cli_errors():
                            (["--sft-batch-size", "3", "--sft-micro-batch-size", "2"],
                             "multiple of micro_batch_size"),
                            (["--ppo-epochs", "0"], "epochs must be >= 1"),
-                           (["--kl-coef", "-1"], "kl_coef")):
+                           (["--kl-coef", "-1"], "kl_coef"),
+                           (["--sft-negatives", "-1"], "--sft-negatives must be >= 0")):
         with pytest.raises(ValueError, match=message):
             parse_args(flags)
     with pytest.raises(ValueError, match="--collect-mode generate needs --temperature 1"):
@@ -123,7 +124,7 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--sft-epochs SFT_EPOCHS passes over the SFT games (cpu preset: 2)" in text
+    assert "--sft-epochs SFT_EPOCHS passes over the SFT games (cpu preset: 1)" in text
     # A field documented by the comment block above it.
     assert "--cache-len CACHE_LEN KV-cache slots per game" in text
     assert text.count("(cpu preset:") == len(dataclasses.fields(Config))
