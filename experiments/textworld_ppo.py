@@ -64,7 +64,7 @@ class Config:
     lora_alpha: float = 32.0  # LoRA scale alpha (the update is alpha / r * B A)
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
     prompt_style: str = "compact"  # "notebook": the tail lists the valid actions
-    train_games: int = 64  # gold paths of train seeds 0..N-1 for SFT
+    train_games: int = 96  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1
     eval_step_limits: tuple[int, ...] = (16, 32)  # evaluation step limits (one play, cut)
@@ -74,9 +74,9 @@ class Config:
     collect_mode: str = "score"  # how PPO collects (and so which policy it trains)
     temperature: float = 1.0  # of the action softmax (score mode) or the sampler (generate)
     length_norm: bool = False  # score mode: per-token mean action log-probs
-    # "choice": cross-entropy of the action-level policy (the gold action against other valid
-    # actions) plus the gold action's NLL; "completion": the gold action's NLL only.
-    sft_loss: str = "choice"
+    # "completion": the gold action's NLL; "choice" adds the cross-entropy of the action-level
+    # policy, the gold action against `sft_negatives` other valid actions sampled per step.
+    sft_loss: str = "completion"
     sft_negatives: int = 4  # choice loss: other valid actions per step scored against the gold
     sft_epochs: int = 1  # passes over the SFT games
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
