@@ -67,23 +67,13 @@ def record_states(games: int, steps: int, seed: int) -> dict:
         [sum(map(len, g["context"])) for g in record])))
 
 
-def candidate_arrays(rows):
-    width = max(len(ids) for cands in rows for ids in cands)
-    cand = np.zeros((len(rows), max(map(len, rows)), width), np.int32)
-    mask = np.zeros(cand.shape, bool)
-    for b, cands in enumerate(rows):
-        for c, ids in enumerate(cands):
-            cand[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
-    return cand, mask
-
-
 def run_ours(states: dict, window: int, incremental: bool) -> dict:
     from flax import nnx
 
     from jaxrl_llm.generation import DecodeState, compile_count, score_continuations
     from jaxrl_llm.model import load_model
     from jaxrl_llm.model.lora import LoraConfig, apply_lora
-    from jaxrl_llm.padding import bucket_length, pad_right
+    from jaxrl_llm.padding import bucket_length, pad_candidates, pad_right
 
     _, model, _ = load_model(quantize="int8")
     apply_lora(model, LoraConfig(rank=8, alpha=32), nnx.Rngs(0))
@@ -94,7 +84,7 @@ def run_ours(states: dict, window: int, incremental: bool) -> dict:
     def step_inputs(t, whole):
         prefix = [sum(g["context"][:t + 1], []) if whole else g["context"][t] for g in games]
         return ([p + g["tail"][t] for p, g in zip(prefix, games)],
-                candidate_arrays([g["candidates"][t] for g in games]), [len(p) for p in prefix])
+                pad_candidates([g["candidates"][t] for g in games]), [len(p) for p in prefix])
 
     last = {}
 

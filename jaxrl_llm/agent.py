@@ -21,7 +21,7 @@ from jaxrl_llm import text
 from jaxrl_llm.envs.textworld import (ACTION_SUFFIX, OBSERVATION_BLOCK, Episode, TextWorldBatch,
                                       check_style, prompt_pieces, step_tail)
 from jaxrl_llm.generation import DecodeState, extend, generate_from, score_continuations
-from jaxrl_llm.padding import GROUP_ROWS, pad_right
+from jaxrl_llm.padding import GROUP_ROWS, pad_candidates, pad_right
 from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.scoring import action_logprobs
 
@@ -199,13 +199,7 @@ def _choose_by_score(model, state, rows, pending, tails, encoded, key, config: A
     Returns `(choices [B], log pi(choice) [B], prompt_hidden [B, D], state)`, zeros on the
     rows not scored.
     """
-    num = max(len(c) for c in encoded)
-    width = max(len(ids) for c in encoded for ids in c)
-    candidates = np.zeros((len(encoded), num, width), np.int32)
-    mask = np.zeros(candidates.shape, bool)
-    for b, cands in enumerate(encoded):
-        for c, ids in enumerate(cands):
-            candidates[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
+    candidates, mask = pad_candidates(encoded)
     prefix = [p + t for p, t in zip(pending, tails)]
     (scores, hidden), state = score_continuations(
         model, state, *pad_right(prefix), candidates, mask, keep=[len(p) for p in pending],

@@ -70,6 +70,20 @@ def pad_left(sequences: Sequence[Sequence[int]], width: int | None = None,
     return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
 
 
+def pad_candidates(candidates: Sequence[Sequence[Sequence[int]]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row a list of candidate token lists -> right-padded `([B, C, L] int32, [B, C, L]
+    bool)`, C the most candidates of a row and L the longest candidate (rows with fewer get
+    all-False candidates)."""
+    width = max((len(ids) for row in candidates for ids in row), default=1)
+    tokens = np.zeros((len(candidates), max(map(len, candidates)), width), np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    for b, row in enumerate(candidates):
+        for c, ids in enumerate(row):
+            tokens[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
+    return tokens, mask
+
+
 def pack_candidates(prefix, prefix_mask, candidates, candidate_mask
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A prefix and its candidate continuations, end to end in one bucketed `[B, W]` row.

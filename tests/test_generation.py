@@ -10,7 +10,7 @@ from jaxrl_llm import generation, padding
 from jaxrl_llm.generation import DecodeState, extend, generate, generate_from
 from jaxrl_llm.logprobs import token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
-from jaxrl_llm.padding import pad_right
+from jaxrl_llm.padding import pad_candidates, pad_right
 from jaxrl_llm.sampling import SamplingConfig, top_p_filter
 
 
@@ -202,16 +202,6 @@ def test_bucketing_bounds_compiles(model):
     assert generation.compile_count() - before == 1
 
 
-def candidate_arrays(rows):
-    width = max(len(ids) for cands in rows for ids in cands)
-    cand = np.zeros((len(rows), max(map(len, rows)), width), np.int32)
-    mask = np.zeros(cand.shape, bool)
-    for b, cands in enumerate(rows):
-        for c, ids in enumerate(cands):
-            cand[b, c, :len(ids)], mask[b, c, :len(ids)] = ids, True
-    return cand, mask
-
-
 def reference_scores(model, context, cands):
     out = []
     for ids in cands:
@@ -232,7 +222,7 @@ def test_score_continuations_prefills_kept_history_and_skips_other_rows(model):
     scored = [2, 0]
     (scores, _), state = score_continuations(
         model, state, *pad_right([new[b] + tail[b] for b in scored]),
-        *candidate_arrays([cands[b] for b in scored]), keep=[len(new[b]) for b in scored],
+        *pad_candidates([cands[b] for b in scored]), keep=[len(new[b]) for b in scored],
         rows=scored)
     for i, b in enumerate(scored):
         want = reference_scores(model, history[b] + new[b] + tail[b], cands[b])
@@ -241,15 +231,15 @@ def test_score_continuations_prefills_kept_history_and_skips_other_rows(model):
     # The kept text is history now (and row 1's is untouched): a plain scoring step agrees with
     # the full forward of every row's whole context.
     (scores, _), state = score_continuations(model, state, *pad_right(tail),
-                                             *candidate_arrays(cands))
+                                             *pad_candidates(cands))
     for b, kept in enumerate([history[0] + new[0], history[1], history[2] + new[2]]):
         want = reference_scores(model, kept + tail[b], cands[b])
         np.testing.assert_allclose(np.asarray(scores)[b, :len(want)], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep must be"):
-        score_continuations(model, state, *pad_right(tail), *candidate_arrays(cands),
+        score_continuations(model, state, *pad_right(tail), *pad_candidates(cands),
                             keep=[9, 0, 0])
     with pytest.raises(ValueError, match="distinct rows"):
-        score_continuations(model, state, *pad_right(tail[:2]), *candidate_arrays(cands[:2]),
+        score_continuations(model, state, *pad_right(tail[:2]), *pad_candidates(cands[:2]),
                             rows=[1, 1])
 
 
