@@ -99,19 +99,26 @@ def _extend_jit(graphdef, params, state: DecodeState, tokens, mask, key_width: i
     return _extend(nnx.merge(graphdef, params), state, tokens, mask, key_width)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
-def _extend_rows_jit(graphdef, params, state: DecodeState, rows, tokens, mask, key_width: int):
-    """`_extend_jit` for the rows `rows [G]` only; tokens and mask are `[G, T]`.
+def _take_rows(state: DecodeState, rows, key_width: int) -> DecodeState:
+    """Rows `rows [G]` of `state`, their first `key_width` slots only: the copy is small next
+    to the forward it serves."""
+    return DecodeState(cache=jax.tree.map(lambda c: c[rows, :, :key_width], state.cache),
+                       lengths=state.lengths[rows])
 
-    Only those rows' first `key_width` slots are copied out and written back: the copy is small
-    next to the prefill it serves.
-    """
-    take = lambda c: c[rows, :, :key_width]
-    group = DecodeState(cache=jax.tree.map(take, state.cache), lengths=state.lengths[rows])
-    group = _extend(nnx.merge(graphdef, params), group, tokens, mask, key_width)
+
+def _put_rows(state: DecodeState, rows, group: DecodeState, key_width: int) -> DecodeState:
+    """`state` with `group` (from `_take_rows`) written back into its rows."""
     put = lambda c, g: c.at[rows, :, :key_width].set(g)
     return DecodeState(cache=jax.tree.map(put, state.cache, group.cache),
                        lengths=state.lengths.at[rows].set(group.lengths))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
+def _extend_rows_jit(graphdef, params, state: DecodeState, rows, tokens, mask, key_width: int):
+    """`_extend_jit` for the rows `rows [G]` only; tokens and mask are `[G, T]`."""
+    group = _extend(nnx.merge(graphdef, params), _take_rows(state, rows, key_width), tokens,
+                    mask, key_width)
+    return _put_rows(state, rows, group, key_width)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 7, 8), donate_argnums=2)
@@ -165,9 +172,8 @@ def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, kee
     """Rows `rows [G]` of `state`: each feeds its packed row (`padding.pack_candidates`: prefix,
     then candidates) in one forward; the first `keep [G]` prefix tokens join its history."""
     model = nnx.merge(graphdef, params)
-    # Only these rows' first `key_width` slots are copied out and written back.
-    cache = jax.tree.map(lambda c: c[rows, :, :key_width], state.cache)
-    lengths = state.lengths[rows]
+    group = _take_rows(state, rows, key_width)
+    lengths = group.lengths
     index = jnp.arange(tokens.shape[1])[None]  # [1, W]
     in_prefix = index < n_prefix[:, None]  # [G, W]
     # Flat token i goes to slot lengths + i. Its RoPE position is lengths + i in the prefix, and
@@ -179,7 +185,7 @@ def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, kee
     relative = jnp.arange(key_width)[None, None, :] - lengths[:, None, None]  # [G, 1, S]
     attn_mask = (relative < 0) | ((relative <= index[..., None])
                                   & ((relative < n_prefix[:, None, None]) | (relative >= start)))
-    hidden, cache = model.hidden_states(tokens, positions, attn_mask, cache)
+    hidden, cache = model.hidden_states(tokens, positions, attn_mask, group.cache)
     decision = jnp.take_along_axis(hidden, (n_prefix - 1)[:, None, None], axis=1)  # [G, 1, D]
     # A candidate's first token is predicted by the last prefix token, token i by token i-1.
     previous = jnp.concatenate([decision, hidden[:, :-1]], axis=1)
@@ -191,10 +197,15 @@ def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, kee
     scores = jnp.zeros(tokens.shape, jnp.float32).at[
         jnp.arange(len(rows))[:, None], jnp.where(segment < 0, width, segment)].add(
         logprobs, mode="drop")
-    put = lambda c, g: c.at[rows, :, :key_width].set(g)
-    state = DecodeState(cache=jax.tree.map(put, state.cache, cache),
-                        lengths=state.lengths.at[rows].set(lengths + keep))
+    state = _put_rows(state, rows, DecodeState(cache=cache, lengths=lengths + keep), key_width)
     return (scores, decision[:, 0]), state
+
+
+def _check_fits(slots: int, max_len: int) -> None:
+    # XLA clamps an out-of-range cache write onto the last slots: it must never be reached.
+    if slots > max_len:
+        raise ValueError(f"prompt needs {slots} cache slots but the cache holds {max_len}: use "
+                         "a larger max_len (or shorter history)")
 
 
 def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: int = 0):
@@ -214,9 +225,7 @@ def _check_chunk(model: Transformer, state: DecodeState, tokens, mask, extra: in
     check_tokens(np.where(mask, tokens, 0), model.config.vocab_size)
     used = int(np.max(np.asarray(state.lengths))) + tokens.shape[1]
     max_len = state.cache.max_len
-    if used + extra > max_len:
-        raise ValueError(f"prompt needs {used + extra} cache slots but the cache holds "
-                         f"{max_len}: use a larger max_len (or shorter history)")
+    _check_fits(used + extra, max_len)
     # Attend to a bucketed filled prefix, not the whole cache: a long-lived multi-turn cache is
     # mostly empty, and reading it would cost as much as the new tokens themselves.
     widths = (min(bucket_length(used), max_len), min(bucket_length(used + extra), max_len))
@@ -322,9 +331,7 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
         raise ValueError(f"keep must be [G] counts within each row's tail, got {keep.tolist()} "
                          f"for tails of {n_prefix.tolist()} tokens")
     used = int(np.asarray(state.lengths)[rows].max()) + tokens.shape[1]
-    if used > state.cache.max_len:
-        raise ValueError(f"prompt needs {used} cache slots but the cache holds "
-                         f"{state.cache.max_len}: use a larger max_len (or shorter history)")
+    _check_fits(used, state.cache.max_len)
     # A power-of-two number of rows (at most B), the last real one repeated: finished games
     # cost no compute, and a run compiles few programs.
     group = min(1 << (len(rows) - 1).bit_length(), batch)
