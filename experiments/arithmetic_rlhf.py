@@ -8,11 +8,14 @@ Stages (paper order, Ouyang et al. 2022):
   1. SFT: a small decoder of our Llama class, trained from scratch (every weight) to answer
      "generate an arithmetic series with n terms starting with value s and common difference d"
      with "s s+d ... <EOS>" (terms above `max_value` are left out, as in the notebook);
-  2. reward model: the SFT trunk + a scalar head (averaged over the response tokens), trained
-     on (correct, corrupted) continuations with the Bradley-Terry loss; held-out accuracy;
-  3. PPO (`train.prompt_rl`) against the learned reward, KL to the frozen SFT model;
+  2. reward model (`jaxrl_llm.reward_model`): the SFT trunk + a scalar head averaged over the
+     response tokens, trained with the Bradley-Terry loss on (correct, wrong) continuations,
+     the wrong ones sampled from the SFT policy or synthetic corruptions; held-out accuracy;
+  3. PPO (`train.prompt_rl`) against the learned reward, KL to the frozen SFT model, logging
+     the program's verdict on the same samples beside the reward it optimises;
   4. the exact-correctness rate of continuations (checked by a program, not by the reward
-     model) on held-out problems, greedy and sampled, before and after PPO.
+     model) on held-out problems, greedy and sampled, before and after PPO, with 95% intervals.
+The task itself (problems, tokenizer, checker, corruptions) is `experiments.arithmetic_task`.
 Outputs go to `--run-dir`: config.json, metrics.jsonl, curves.png, results.json.
 """
 
@@ -22,21 +25,23 @@ import dataclasses
 import json
 import os
 import time
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from experiments.arithmetic_task import (EOS_ID, MAX_NEW_TOKENS, PAD_ID, TEMPLATES, Task,
+                                        WordTokenizer, answer_ids, corrupt,
+                                        exact_reward_fn, prompt_ids, sample_problems)
 from experiments.common import parse_preset_config
 
-from jaxrl_llm import losses
+from jaxrl_llm import reward_model as rm
 from jaxrl_llm.checks import require_at_least_one
+from jaxrl_llm.evaluation import wilson_interval
 from jaxrl_llm.generation import generate
 from jaxrl_llm.metrics import RunDir
-from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
+from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.padding import bucket_length, pad_left
 from jaxrl_llm.sampling import SamplingConfig
@@ -45,19 +50,8 @@ from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu")
-PAD, EOS = "<PAD>", "<EOS>"
-PAD_ID, EOS_ID = 0, 1  # the first two words of `WordTokenizer`
-MAX_NEW_TOKENS = 16  # the longest answer (14 terms + EOS) fits
-TEMPLATES = (
-    "generate an arithmetic series with {n} terms starting with value {s} and common "
-    "difference {d}",
-    "make a series of arithmetic type which starts at {s} with {n} elements and {d} common "
-    "difference value",
-    "Let {n} be the number of terms {s} the starting number and {d} the common difference then "
-    "write the arithmetic series",
-)
-CURVES = ("reward_mean", "heldout_exact_sampled", "kl_ref", "entropy", "response_length",
-          "clip_fraction", "approx_kl", "value_loss", "explained_variance")
+CURVES = ("reward_mean", "true_reward_mean", "heldout_exact_sampled", "kl_ref", "entropy",
+          "response_length", "clip_fraction", "approx_kl", "value_loss", "explained_variance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,45 +59,52 @@ class Config:
     """One run. Defaults are the `cpu` preset (2 CPU cores, a few minutes)."""
 
     max_value: int = 100  # largest term (and number token); the notebook's m
-    max_difference: int = 9
-    min_terms: int = 5
-    max_terms: int = 14
-    d_model: int = 64
-    num_layers: int = 2
-    sft_examples: int = 38_400
-    sft_batch_size: int = 64
-    sft_learning_rate: float = 3e-3
-    rm_pairs: int = 25_600
-    rm_batch_size: int = 64
-    rm_learning_rate: float = 1e-3
+    max_difference: int = 9  # common differences 1..this
+    min_terms: int = 5  # fewest terms asked for
+    max_terms: int = 14  # most terms asked for
+    d_model: int = 64  # width of the decoder trained from scratch
+    num_layers: int = 2  # its depth
+    sft_examples: int = 38_400  # fresh problems, one SFT pass
+    sft_batch_size: int = 64  # problems per SFT step
+    sft_learning_rate: float = 3e-3  # AdamW peak (warmup, then linear decay)
+    rm_pairs: int = 25_600  # (correct, wrong) training pairs of the reward model
+    # Share of reward-model pairs whose wrong answer is a sample of the SFT policy (the mistakes
+    # PPO will make), the rest synthetic corruptions; held-out pairs are mixed the same way.
+    rm_policy_fraction: float = 0.5
+    rm_epochs: int = 2  # passes over the reward-model pairs
+    rm_batch_size: int = 64  # pairs per reward-model step
+    rm_learning_rate: float = 1e-3  # AdamW peak of the reward model
     heldout_problems: int = 256  # never trained on: RM held-out pairs and the evaluation
     reward: str = "model"  # "model": the learned reward model (RLHF); "exact": the checker
     algorithm: str = "ppo"  # any of train.prompt_rl.ALGORITHMS
-    rl_iterations: int = 40
+    rl_iterations: int = 40  # collect + update rounds
     rl_prompts: int = 16  # prompts per iteration
     num_samples: int = 4  # responses per prompt
     rl_epochs: int = 4  # the notebook's PPO iterations per batch
-    rl_minibatch_size: int = 32
-    rl_learning_rate: float = 3e-5
-    # The notebook's beta is 0.01; here PPO over-optimises the learned reward (exact correctness
-    # falls) and a stronger pull to the SFT model limits the damage (docs/prompt_rl.md: 0.01 / 0.1 / 0.3).
-    kl_coef: float = 0.3
+    rl_minibatch_size: int = 32  # responses per RL update
+    rl_learning_rate: float = 3e-5  # Adam step size of the RL updates
+    kl_coef: float = 0.3  # weight of the KL to the frozen SFT policy (notebook: 0.01)
     eval_every: int = 10  # RL iterations between held-out evaluations
-    seed: int = 0
-    run_dir: str = "runs/arithmetic_rlhf"
+    seed: int = 0  # problems, weights, sampling
+    run_dir: str = "runs/arithmetic_rlhf"  # outputs
     tensorboard: bool = False  # also write TensorBoard event files to <run-dir>/tb
 
     def __post_init__(self):
-        require_at_least_one(self, ("max_value", "max_difference", "min_terms", "d_model",
-                                    "num_layers", "sft_examples", "sft_batch_size", "rm_pairs",
-                                    "rm_batch_size", "heldout_problems", "rl_prompts",
-                                    "rl_epochs", "rl_minibatch_size", "eval_every"), cli=True)
-        if self.max_terms < self.min_terms:
-            raise ValueError(f"--max-terms ({self.max_terms}) must be >= --min-terms "
-                             f"({self.min_terms})")
+        require_at_least_one(self, ("d_model", "num_layers", "sft_examples", "sft_batch_size",
+                                    "rm_pairs", "rm_epochs", "rm_batch_size", "heldout_problems",
+                                    "rl_prompts", "rl_epochs", "rl_minibatch_size", "eval_every"),
+                             cli=True)
+        self.task  # its errors, before any training
         if self.reward not in ("model", "exact"):
             raise ValueError(f"--reward must be 'model' or 'exact', got {self.reward!r}")
-        self.rl_config()  # its errors too, before any training
+        if not 0.0 <= self.rm_policy_fraction <= 1.0:
+            raise ValueError(f"--rm-policy-fraction must be in [0, 1], got "
+                             f"{self.rm_policy_fraction}")
+        self.rl_config()
+
+    @property
+    def task(self) -> Task:
+        return Task(self.max_value, self.max_difference, self.min_terms, self.max_terms)
 
     def rl_config(self) -> prompt_rl.PromptRLConfig:
         return prompt_rl.PromptRLConfig(
@@ -117,85 +118,14 @@ class Config:
     def preset(cls, name: str, **overrides) -> "Config":
         presets = {
             "smoke": dict(d_model=32, num_layers=1, sft_examples=256, sft_batch_size=32,
-                          rm_pairs=128, rm_batch_size=32, heldout_problems=32, rl_iterations=2,
-                          rl_prompts=4, rl_epochs=1, rl_minibatch_size=16, eval_every=1,
-                          run_dir="runs/arithmetic_smoke"),
+                          rm_pairs=128, rm_epochs=1, rm_batch_size=32, heldout_problems=32,
+                          rl_iterations=2, rl_prompts=4, rl_epochs=1, rl_minibatch_size=16,
+                          eval_every=1, run_dir="runs/arithmetic_smoke"),
             "cpu": {},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**presets[name], **overrides})
-
-
-class Problem(NamedTuple):
-    terms: int  # n
-    start: int  # s
-    difference: int  # d
-
-
-class WordTokenizer:
-    """Whitespace words -> ids: PAD, EOS, the numbers 0..max_value, then the template words."""
-
-    def __init__(self, max_value: int):
-        words = sorted({w for t in TEMPLATES for w in t.split() if not w.startswith("{")})
-        self.vocab = [PAD, EOS] + [str(i) for i in range(max_value + 1)] + words
-        self.ids = {w: i for i, w in enumerate(self.vocab)}
-        self.pad_id, self.eos_id = PAD_ID, EOS_ID
-
-    def encode(self, text: str) -> list[int]:
-        return [self.ids[w] for w in text.split()]
-
-    def decode(self, ids) -> str:
-        return " ".join(self.vocab[i] for i in ids)
-
-
-def series(problem: Problem, max_value: int) -> list[int]:
-    """The terms s, s+d, ... (n of them), leaving out those above max_value (notebook 001)."""
-    return [v for v in range(problem.start, problem.start + problem.terms * problem.difference,
-                             problem.difference) if v <= max_value]
-
-
-def sample_problems(rng: np.random.Generator, count: int, config: Config,
-                    exclude: frozenset = frozenset()) -> list[Problem]:
-    problems = []
-    while len(problems) < count:
-        problem = Problem(int(rng.integers(config.min_terms, config.max_terms + 1)),
-                          int(rng.integers(0, config.max_value)),
-                          int(rng.integers(1, config.max_difference + 1)))
-        if problem not in exclude:
-            problems.append(problem)
-    return problems
-
-
-def prompt_ids(tokenizer: WordTokenizer, problem: Problem, template: int) -> list[int]:
-    n, s, d = problem
-    return tokenizer.encode(TEMPLATES[template].format(n=n, s=s, d=d))
-
-
-def answer_ids(tokenizer: WordTokenizer, problem: Problem, max_value: int) -> list[int]:
-    """The correct continuation: the terms, then EOS."""
-    return tokenizer.encode(" ".join(map(str, series(problem, max_value)))) + [tokenizer.eos_id]
-
-
-def corrupt(answer: list[int], tokenizer: WordTokenizer, rng: np.random.Generator,
-            config: Config) -> list[int]:
-    """A wrong continuation near the right one: a term dropped or added, one term off by 1-3,
-    or the difference changed from some term on (the mistakes a weak policy makes)."""
-    numbers = [int(tokenizer.vocab[i]) for i in answer[:-1]]
-    while True:
-        kind, i = rng.integers(4), int(rng.integers(len(numbers)))
-        wrong = list(numbers)
-        if kind == 0 and len(numbers) > 1:
-            wrong.pop(i)
-        elif kind == 1:
-            wrong.insert(i + 1, wrong[i] + int(rng.integers(-3, 4)))
-        elif kind == 2:
-            wrong[i] += int(rng.choice([-3, -2, -1, 1, 2, 3]))
-        elif kind == 3 and i > 0:
-            step = wrong[i] - wrong[i - 1] + int(rng.choice([-1, 1]))
-            wrong[i:] = [wrong[i - 1] + step * (j + 1) for j in range(len(wrong) - i)]
-        if wrong != numbers and all(0 <= v <= config.max_value for v in wrong):
-            return tokenizer.encode(" ".join(map(str, wrong))) + [tokenizer.eos_id]
 
 
 def build_model(tokenizer: WordTokenizer, config: Config) -> Transformer:
@@ -228,126 +158,103 @@ def sft(model, tokenizer, problems, config: Config, rng, log) -> Transformer:
     return trainer.model(state)
 
 
-def sequence_arrays(prompts, responses, width: int, pad_id: int):
-    """Left-padded `[B, W]` prompt + response tokens, their mask, and the mask of the response
-    tokens (the last len(response) columns of each row)."""
-    tokens, mask = pad_left([list(p) + list(r) for p, r in zip(prompts, responses)], width,
-                            pad_id)
-    lengths = np.array([len(r) for r in responses])
-    return tokens, mask, np.arange(width)[None, :] >= width - lengths[:, None]
+def continuations(lm, tokenizer, prompts, key, greedy: bool) -> list[list[int]]:
+    """The policy's continuation (up to and including EOS) of each prompt."""
+    tokens, mask = pad_left(prompts, pad_id=tokenizer.pad_id)
+    out = generate(lm, tokens, mask, key, SamplingConfig(
+        max_new_tokens=MAX_NEW_TOKENS, greedy=greedy, eos_ids=(EOS_ID,), pad_id=PAD_ID))
+    return [row[m].tolist() for row, m in zip(np.asarray(out.tokens), np.asarray(out.mask))]
 
 
-def reward_scores(reward_model: ActorCritic, tokens, mask, response_mask) -> jax.Array:
-    """`[B]` rewards of left-padded `[B, W]` prompt + response sequences: the mean over response
-    tokens of the scalar head on each token's final hidden state.
-
-    Every token is judged with the whole prefix in view (is it the previous term + d? is EOS
-    due?). A head on the last token alone must summarise the series in one state: with this
-    trunk and budget it ranked SFT samples worse than chance (correct vs wrong, AUC 0.2-0.4).
-    """
-    hidden, _ = reward_model.lm.hidden_states(tokens, positions_from_mask(mask),
-                                              causal_mask(mask))
-    return losses.masked_mean(reward_model.value_head(hidden), response_mask, axis=1)
-
-
-@jax.jit
-def _reward_jit(graphdef, state, tokens, mask, response_mask):
-    return reward_scores(nnx.merge(graphdef, state), tokens, mask, response_mask)
-
-
-def preference_loss(reward_model, batch):
-    """Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)) (Ouyang et al. 2022, eq. 1),
-    summed over pairs, for `Trainer`; the metric `accuracy` counts pairs ranked right."""
-    both = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
-    chosen, rejected = jnp.split(reward_scores(reward_model, both("tokens"), both("mask"),
-                                               both("response_mask")), 2)
-    loss = -jnp.sum(jax.nn.log_sigmoid(chosen - rejected))
-    return loss, jnp.float32(len(chosen)), dict(
-        loss=loss, accuracy=jnp.sum((chosen > rejected).astype(jnp.float32)))
-
-
-def pair_arrays(tokenizer, problems, config: Config, rng, width: int) -> dict[str, np.ndarray]:
-    """(prompt + correct) / (prompt + corrupted) `sequence_arrays`, one pair per problem."""
+def preference_pairs(policy, tokenizer, problems, config: Config, rng, key, width: int
+                     ) -> dict[str, np.ndarray]:
+    """`reward_model.pair_batch` of one (correct, wrong) pair per problem: the wrong answer is
+    a sample of `policy` for a `rm_policy_fraction` share of the problems (where that sample
+    is wrong, as the program checks), else a synthetic corruption."""
     prompts = [prompt_ids(tokenizer, p, int(rng.integers(len(TEMPLATES)))) for p in problems]
     answers = [answer_ids(tokenizer, p, config.max_value) for p in problems]
-    wrong = [corrupt(a, tokenizer, rng, config) for a in answers]
-    arrays = {}
-    for name, responses in (("chosen", answers), ("rejected", wrong)):
-        arrays.update(zip((f"{name}_tokens", f"{name}_mask", f"{name}_response_mask"),
-                          sequence_arrays(prompts, responses, width, tokenizer.pad_id)))
-    return arrays
+    sampled = rng.random(len(problems)) < config.rm_policy_fraction
+    wrong = [corrupt(a, tokenizer, rng, config.max_value) for a in answers]
+    chunk = 1024
+    for start in range(0, len(problems), chunk):
+        rows = [i for i in range(start, min(start + chunk, len(problems))) if sampled[i]]
+        if rows:
+            samples = continuations(policy, tokenizer, [prompts[i] for i in rows],
+                                    jax.random.fold_in(key, start), greedy=False)
+            for i, sample in zip(rows, samples):
+                if sample != answers[i]:
+                    wrong[i] = sample
+    return rm.pair_batch(prompts, answers, wrong, width, tokenizer.pad_id)
 
 
-def train_reward_model(sft_model, tokenizer, train, heldout, config: Config, rng, log,
+def train_reward_model(sft_model, tokenizer, train, heldout, config: Config, rng, key, log,
                        width: int) -> tuple[ActorCritic, float]:
     """The SFT trunk + a scalar head, every weight trained on preference pairs; returns it and
     its accuracy on pairs of held-out problems."""
+    train_key, heldout_key = jax.random.split(key)
     reward_model = ActorCritic(nnx.clone(sft_model))
-    arrays = pair_arrays(tokenizer, train, config, rng, width)
-    size, steps = config.rm_batch_size, len(train) // config.rm_batch_size
+    arrays = preference_pairs(sft_model, tokenizer, train, config, rng, train_key, width)
+    size = config.rm_batch_size
+    per_epoch = len(train) // size
     trainer = Trainer(reward_model, make_optimizer(OptimConfig(
-        learning_rate=config.rm_learning_rate, total_steps=steps + 1)), preference_loss,
-        trainable=nnx.Param)
+        learning_rate=config.rm_learning_rate, total_steps=per_epoch * config.rm_epochs + 1)),
+        rm.preference_loss, trainable=nnx.Param)
     state = trainer.init()
-    bar = tqdm(range(steps), desc="reward model", unit="step")
-    for step in bar:
-        batch = {k: v[step * size:(step + 1) * size][None] for k, v in arrays.items()}
-        state, metrics = trainer.step(state, batch)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-        log(dict(stage="rm", step=step + 1, **metrics))
+    bar = tqdm(total=per_epoch * config.rm_epochs, desc="reward model", unit="step")
+    for epoch in range(config.rm_epochs):
+        order = rng.permutation(len(train))
+        for step in range(per_epoch):
+            rows = order[step * size:(step + 1) * size]
+            state, metrics = trainer.step(state, {k: v[rows][None] for k, v in arrays.items()})
+            metrics = {k: float(v) for k, v in metrics.items()}
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            log(dict(stage="rm", epoch=epoch, step=int(state.step), **metrics))
+    bar.close()
     reward_model = trainer.model(state)
-    pairs = pair_arrays(tokenizer, heldout, config, rng, width)
-    graphdef, params = nnx.split(reward_model)
-    chosen, rejected = (_reward_jit(graphdef, params, *(pairs[f"{name}_{k}"] for k in (
-        "tokens", "mask", "response_mask"))) for name in ("chosen", "rejected"))
-    return reward_model, float(jnp.mean(chosen > rejected))
+    heldout_pairs = preference_pairs(sft_model, tokenizer, heldout, config, rng, heldout_key,
+                                     width)
+    return reward_model, rm.pair_accuracy(reward_model, heldout_pairs)
 
 
-def learned_reward_fn(reward_model: ActorCritic, pad_id: int, width: int):
-    graphdef, params = nnx.split(reward_model)
-
-    def learned_reward(prompts, responses):
-        return np.asarray(_reward_jit(graphdef, params,
-                                      *sequence_arrays(prompts, responses, width, pad_id)))
-
-    return learned_reward
-
-
-def exact_reward_fn(answers: dict[tuple[int, ...], list[int]]):
-    """1 if a response is exactly the right series + EOS, else 0 (the program's verdict);
-    `answers` maps every training prompt's ids to its correct continuation."""
-
-    def exact_reward(prompts, responses):
-        return np.array([float(r == answers[tuple(p)]) for p, r in zip(prompts, responses)])
-
-    return exact_reward
+def with_interval(successes: int, n: int) -> dict:
+    low, high = wilson_interval(successes, n)
+    return dict(rate=successes / n, low=low, high=high)
 
 
 def evaluate(lm, tokenizer, problems, config: Config, key) -> dict:
-    """Exact-correctness rate on held-out problems (template i % 3), greedy and sampled."""
+    """Exact-correctness rate (with its 95% Wilson interval) on held-out problems (template
+    i % 3), greedy and sampled."""
     prompts = [prompt_ids(tokenizer, p, i % len(TEMPLATES)) for i, p in enumerate(problems)]
     answers = [answer_ids(tokenizer, p, config.max_value) for p in problems]
-    tokens, mask = pad_left(prompts, pad_id=tokenizer.pad_id)
     results = {}
     for name, greedy in (("greedy", True), ("sampled", False)):
-        out = generate(lm, tokens, mask, key, SamplingConfig(
-            max_new_tokens=MAX_NEW_TOKENS, greedy=greedy, eos_ids=(EOS_ID,), pad_id=PAD_ID))
-        responses = [row[m].tolist() for row, m in zip(np.asarray(out.tokens),
-                                                        np.asarray(out.mask))]
-        results[f"exact_{name}"] = float(np.mean([r == a for r, a in zip(responses, answers)]))
+        responses = continuations(lm, tokenizer, prompts, key, greedy)
+        correct = sum(r == a for r, a in zip(responses, answers))
+        results[f"exact_{name}"] = with_interval(correct, len(problems))
     return results
 
 
-def rlhf(policy, tokenizer, reward_fn, train_problems, heldout, config: Config, key, rng, log):
-    """RL iterations (PPO by default) from the SFT policy, KL to it; returns the tuned LM."""
+def rlhf(policy, tokenizer, reward_fn, true_reward_fn, train_problems, heldout, config: Config,
+         key, rng, log):
+    """RL iterations (PPO by default) from the SFT policy, KL to it; returns the tuned LM.
+
+    Each iteration logs the optimised (proxy) reward and the program's verdict on the same
+    samples (`true_reward_mean`): where they part is where the proxy is over-optimised.
+    """
     rl_config = config.rl_config()
     trainer = prompt_rl.make_trainer(policy, rl_config, make_optimizer(OptimConfig(
         learning_rate=config.rl_learning_rate, weight_decay=0.0)), trainable=nnx.Param)
     state = trainer.init()
     reference = trainer.model(trainer.init())  # the frozen SFT policy: the KL anchor
     kl_coef = rl_config.kl_coef
-    bar = tqdm(range(config.rl_iterations), desc="PPO", unit="iter")
+    truth = []
+
+    def rewarded(prompts, responses):
+        truth.append(float(np.mean(true_reward_fn(prompts, responses))))
+        return reward_fn(prompts, responses)
+
+    bar = tqdm(range(config.rl_iterations), desc=config.algorithm.upper(), unit="iter")
     for it in bar:
         start = time.time()
         key, step_key, eval_key = jax.random.split(key, 3)
@@ -355,47 +262,54 @@ def rlhf(policy, tokenizer, reward_fn, train_problems, heldout, config: Config, 
                                                             size=config.rl_prompts)]
         prompts = [prompt_ids(tokenizer, p, int(rng.integers(len(TEMPLATES)))) for p in problems]
         state, kl_coef, record = prompt_rl.iteration(trainer, state, reference, prompts,
-                                                     reward_fn, step_key, kl_coef, rl_config)
+                                                     rewarded, step_key, kl_coef, rl_config)
+        record["true_reward_mean"] = truth.pop()
         if (it + 1) % config.eval_every == 0 or it + 1 == config.rl_iterations:
             scores = evaluate(prompt_rl.policy_lm(trainer.model(state)), tokenizer, heldout,
                               config, eval_key)
-            record.update({f"heldout_{k}": v for k, v in scores.items()})
+            record.update({f"heldout_{k}": v["rate"] for k, v in scores.items()})
         log(dict(stage="rl", iteration=it + 1, **record, iteration_seconds=time.time() - start))
-        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record['kl_ref']:.3f}")
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}",
+                        true=f"{record['true_reward_mean']:.2f}", kl=f"{record['kl_ref']:.3f}")
     return prompt_rl.policy_lm(trainer.model(state))
 
 
 def main(config: Config) -> dict:
     run = RunDir(config.run_dir, config, stage="rl", x="iteration", keys=CURVES,
-                 title="Arithmetic RLHF (PPO)", tensorboard=config.tensorboard)
+                 title=f"Arithmetic RLHF ({config.algorithm})", tensorboard=config.tensorboard)
     log = run.log
 
     rng = np.random.default_rng(config.seed)
-    key = jax.random.key(config.seed)
+    key, rm_key, eval_key, rl_key = jax.random.split(jax.random.key(config.seed), 4)
     tokenizer = WordTokenizer(config.max_value)
-    heldout = sample_problems(rng, config.heldout_problems, config)
+    heldout = sample_problems(rng, config.heldout_problems, config.task)
     seen = frozenset(heldout)
     # RM-wide sequences: the longest prompt + the whole generation budget, one compiled width.
     width = bucket_length(max(len(t.split()) for t in TEMPLATES) + MAX_NEW_TOKENS)
     results, start = {}, time.time()
     policy = sft(build_model(tokenizer, config), tokenizer,
-                 sample_problems(rng, config.sft_examples, config, seen), config, rng, log)
+                 sample_problems(rng, config.sft_examples, config.task, seen), config, rng, log)
     results["sft_seconds"] = time.time() - start
-    results["sft"] = evaluate(policy, tokenizer, heldout, config, key)
+    results["sft"] = evaluate(policy, tokenizer, heldout, config, eval_key)
     start = time.time()
     reward_model, accuracy = train_reward_model(
-        policy, tokenizer, sample_problems(rng, config.rm_pairs, config, seen), heldout, config,
-        rng, log, width)
-    results.update(reward_model_heldout_accuracy=accuracy, rm_seconds=time.time() - start)
-    train_problems = sample_problems(rng, 4096, config, seen)
+        policy, tokenizer, sample_problems(rng, config.rm_pairs, config.task, seen), heldout,
+        config, rng, rm_key, log, width)
+    results.update(reward_model_accuracy=accuracy, rm_seconds=time.time() - start)
+    train_problems = sample_problems(rng, 4096, config.task, seen)
     answers = {tuple(prompt_ids(tokenizer, p, t)): answer_ids(tokenizer, p, config.max_value)
                for p in train_problems for t in range(len(TEMPLATES))}
-    reward_fn = (learned_reward_fn(reward_model, PAD_ID, width) if config.reward == "model"
-                 else exact_reward_fn(answers))
+    exact = exact_reward_fn(answers)
+    reward_fn = rm.reward_fn(reward_model, width, PAD_ID) if config.reward == "model" else exact
     start = time.time()
-    policy = rlhf(policy, tokenizer, reward_fn, train_problems, heldout, config, key, rng, log)
+    policy = rlhf(policy, tokenizer, reward_fn, exact, train_problems, heldout, config, rl_key,
+                  rng, log)
     results["rl_seconds"] = time.time() - start
-    results["rl"] = evaluate(policy, tokenizer, heldout, config, key)
+    results["rl"] = evaluate(policy, tokenizer, heldout, config, eval_key)
+    for name in ("greedy", "sampled"):
+        for when, policy_name in (("before", "sft"), ("after", "rl")):
+            r = results[policy_name][f"exact_{name}"]
+            results[f"{name}_exact_{when}"] = [r["rate"], r["low"], r["high"]]
     with open(os.path.join(config.run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     run.close()
@@ -404,14 +318,15 @@ def main(config: Config) -> dict:
 
 
 def print_summary(results: dict, config: Config) -> None:
-    print(f"\nreward model held-out pair accuracy: {results['reward_model_heldout_accuracy']:.3f}")
-    print(f"{'policy':<8} {'exact (greedy)':>15} {'exact (sampled)':>16}   "
+    print(f"\nreward model held-out pair accuracy: {results['reward_model_accuracy']:.3f}")
+    print(f"{'policy':<8} {'exact, greedy (95% CI)':>24} {'exact, sampled (95% CI)':>25}   "
           f"({config.heldout_problems} held-out problems)")
+    cell = lambda r: f"{r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
     for policy in ("sft", "rl"):
         r = results[policy]
-        print(f"{policy:<8} {r['exact_greedy']:>15.3f} {r['exact_sampled']:>16.3f}")
+        print(f"{policy:<8} {cell(r['exact_greedy']):>24} {cell(r['exact_sampled']):>25}")
     print(f"SFT {results['sft_seconds']:.0f} s, reward model {results['rm_seconds']:.0f} s, "
-          f"PPO {results['rl_seconds']:.0f} s; run dir {config.run_dir}")
+          f"{config.algorithm} {results['rl_seconds']:.0f} s; run dir {config.run_dir}")
 
 
 def parse_args(argv=None) -> Config:

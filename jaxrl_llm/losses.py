@@ -594,3 +594,33 @@ def grpo_advantages(rewards: chex.Array, scale_by_std: bool = True,
     if scale_by_std:
         centered = centered / (jnp.std(rewards, axis=1, keepdims=True, ddof=1) + eps)
     return jnp.where(_constant_groups(rewards), 0.0, centered)
+
+
+def bradley_terry_loss(chosen_rewards: chex.Array, rejected_rewards: chex.Array,
+                       mask: chex.Array | None = None, reduction: str = "token_mean"
+                       ) -> chex.Array:
+    """Reward-model loss on preference pairs (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1):
+    -log sigmoid(r(x, y_chosen) - r(x, y_rejected)), written as softplus(-margin) so that a
+    pair ranked wrong by a wide margin gives a finite loss and gradient.
+
+    Args: chosen_rewards, rejected_rewards `[P]` (one scalar reward per pair member); mask `[P]`
+      (padded pairs 0; default all 1); reduction "token_mean" (mean over pairs) or "sum".
+    Returns: a scalar float32.
+
+    Example (a tie costs log 2; ranking the chosen one higher costs less):
+      >>> import jax.numpy as jnp
+      >>> from jaxrl_llm import losses
+      >>> [round(float(losses.bradley_terry_loss(jnp.array([c]), jnp.array([0.]))), 4)
+      ...  for c in (0., 2.)]
+      [0.6931, 0.1269]
+    """
+    chex.assert_rank([chosen_rewards, rejected_rewards], 1)
+    chex.assert_equal_shape([chosen_rewards, rejected_rewards])
+    if reduction not in ("token_mean", "sum"):
+        raise ValueError(f"bradley_terry_loss reduction must be 'token_mean' or 'sum', got "
+                         f"{reduction!r}")
+    mask = jnp.ones(chosen_rewards.shape, jnp.float32) if mask is None else mask
+    mask, chosen, rejected = _valid_f32(mask, chosen_rewards, rejected_rewards)
+    per_pair = jax.nn.softplus(rejected - chosen)
+    return (masked_sum(per_pair, mask) if reduction == "sum"
+            else masked_mean(per_pair, mask))

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from experiments.arithmetic_rlhf import (Config, Problem, WordTokenizer, answer_ids, corrupt,
-                                         main, parse_args, sample_problems, series)
+from experiments.arithmetic_rlhf import Config, main, parse_args
+from experiments.arithmetic_task import (Problem, Task, WordTokenizer, answer_ids, corrupt,
+                                         exact_reward_fn, prompt_ids, sample_problems, series)
 
 
 def test_series_leave_out_terms_above_max_value():
@@ -19,9 +20,9 @@ def test_corruptions_are_wrong_and_in_vocabulary():
     config = Config.preset("smoke")
     tokenizer = WordTokenizer(config.max_value)
     rng = np.random.default_rng(0)
-    for problem in sample_problems(rng, 200, config):
+    for problem in sample_problems(rng, 200, config.task):
         answer = answer_ids(tokenizer, problem, config.max_value)
-        wrong = corrupt(answer, tokenizer, rng, config)
+        wrong = corrupt(answer, tokenizer, rng, config.max_value)
         assert wrong != answer and wrong[-1] == tokenizer.eos_id
         assert tokenizer.encode(tokenizer.decode(wrong)) == wrong
 
@@ -31,16 +32,33 @@ def test_smoke_run(tmp_path):
     results = main(Config.preset("smoke", run_dir=run_dir))
     for policy in ("sft", "rl"):
         assert set(results[policy]) == {"exact_greedy", "exact_sampled"}
-    assert 0 <= results["reward_model_heldout_accuracy"] <= 1
+        for name in ("exact_greedy", "exact_sampled"):
+            r = results[policy][name]
+            assert r["low"] <= r["rate"] <= r["high"]
+    assert 0 <= results["reward_model_accuracy"] <= 1
+    saved = json.load(open(os.path.join(run_dir, "results.json")))
+    for key in ("greedy_exact_before", "greedy_exact_after"):
+        rate, low, high = saved[key]
+        assert low <= rate <= high
     for name in ("config.json", "metrics.jsonl", "results.json"):
         assert os.path.exists(os.path.join(run_dir, name))
     assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert {r["stage"] for r in records} == {"sft", "rm", "rl"}
     last = [r for r in records if r["stage"] == "rl"][-1]
-    for key in ("reward_mean", "kl_ref", "entropy", "clip_fraction", "value_loss",
+    for key in ("reward_mean", "true_reward_mean", "kl_ref", "entropy", "clip_fraction", "value_loss",
                 "heldout_exact_sampled"):
         assert np.isfinite(last[key])
+
+
+def test_exact_reward_is_the_programs_verdict():
+    tokenizer = WordTokenizer(100)
+    problem = Problem(terms=3, start=5, difference=2)
+    prompt = prompt_ids(tokenizer, problem, 0)
+    reward = exact_reward_fn({tuple(prompt): answer_ids(tokenizer, problem, 100)})
+    right = tokenizer.encode("5 7 9") + [tokenizer.eos_id]
+    np.testing.assert_array_equal(
+        reward([prompt] * 3, [right, right[:-1], tokenizer.encode("5 7 10") + [1]]), [1, 0, 0])
 
 
 def test_cli_errors():
@@ -50,3 +68,9 @@ def test_cli_errors():
         parse_args(["--preset", "smoke", "--reward", "human"])
     with pytest.raises(ValueError, match="epochs must be 1 for rloo"):  # before any training
         parse_args(["--algorithm", "rloo", "--rl-epochs", "4"])
+    with pytest.raises(ValueError, match="max_terms .* must be >= min_terms"):
+        parse_args(["--min-terms", "9", "--max-terms", "6"])
+    with pytest.raises(ValueError, match="--rm-policy-fraction must be in"):
+        parse_args(["--rm-policy-fraction", "1.5"])
+    with pytest.raises(ValueError, match="max_terms must be <= 15"):
+        Task(max_terms=20)

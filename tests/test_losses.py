@@ -620,3 +620,22 @@ def test_explained_variance_equals_numpy_on_the_masked_entries():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # Constant returns: the denominator is floored, never a division by zero.
     assert np.isfinite(losses.explained_variance(jnp.zeros(4), jnp.ones(4), jnp.ones(4)))
+
+
+def test_bradley_terry_loss_equals_numpy_and_ignores_padded_pairs():
+    rng = np.random.default_rng(0)
+    chosen, rejected = rng.normal(size=9) * 30, rng.normal(size=9) * 30  # margins up to ~100
+    mask = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1], np.float32)
+    per_pair = np.logaddexp(0.0, -(chosen - rejected))  # -log sigmoid, stable in numpy
+    got = losses.bradley_terry_loss(jnp.asarray(chosen), jnp.asarray(rejected), jnp.asarray(mask))
+    np.testing.assert_allclose(got, per_pair[mask > 0].mean(), rtol=1e-5)
+    total = losses.bradley_terry_loss(jnp.asarray(chosen), jnp.asarray(rejected),
+                                      jnp.asarray(mask), reduction="sum")
+    np.testing.assert_allclose(total, per_pair[mask > 0].sum(), rtol=1e-5)
+    garbage = np.where(mask > 0, rejected, np.nan)
+    grad = jax.grad(lambda c: losses.bradley_terry_loss(c, jnp.asarray(garbage),
+                                                        jnp.asarray(mask)))(jnp.asarray(chosen))
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[mask == 0] == 0)
+    # d/dc softplus(-(c - r)) = -sigmoid(r - c), averaged over the 7 real pairs.
+    want = -1 / (1 + np.exp(chosen - rejected)) / mask.sum()
+    np.testing.assert_allclose(np.asarray(grad)[mask > 0], want[mask > 0], rtol=1e-4, atol=1e-9)
