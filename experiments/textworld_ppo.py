@@ -78,6 +78,9 @@ class Config:
     # policy, the gold action against `sft_negatives` other valid actions sampled per step.
     sft_loss: str = "completion"
     sft_negatives: int = 4  # choice loss: other valid actions per step scored against the gold
+    # Probability that an SFT game takes a random other action, from which the expert
+    # recovers (DART): the policy learns the off-path states it will reach and the way back.
+    sft_noise: float = 0.0
     sft_epochs: int = 1  # passes over the SFT games
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
@@ -121,6 +124,8 @@ class Config:
                              "recomputes untempered token log-probs of the sampled actions")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.sft_noise < 1.0:
+            raise ValueError(f"--sft-noise must be in [0, 1), got {self.sft_noise}")
         if self.sft_negatives < 0:
             raise ValueError(f"--sft-negatives must be >= 0, got {self.sft_negatives}")
         if self.dev_games < 0 or self.ppo_iterations < 0:
@@ -222,11 +227,13 @@ def packed_scorer(model):
 
 
 def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidates: bool,
-                  negatives: int | None = None):
-    """Gold paths of seeds 0..N-1 of `fold` as packed episodes, and each step's gold index
-    (leaves: the gold action, every valid action, or the gold and `negatives` others)."""
+                  negatives: int | None = None, noise: float = 0.0):
+    """Expert paths (`data.expert_episodes`, `noise`) of seeds 0..N-1 of `fold` as packed
+    episodes, and each learned step's gold index (leaves: the gold action, every valid action,
+    or the gold and `negatives` others)."""
     rows = expert_episodes(GameConfig(), range(num_games), fold,
-                           cache_dir=os.path.join(config.run_dir, "data"))
+                           cache_dir=os.path.join(config.run_dir, "data"), noise=noise,
+                           noise_seed=config.seed)
     rng = np.random.default_rng((config.seed, num_games))
     encoded = [encode_episode(tokenizer, row, config.prompt_style, config.max_history,
                               candidates, negatives, rng) for row in rows]
@@ -247,7 +254,7 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
     """LoRA SFT on the gold paths of train seeds 0..N-1; returns the tuned model."""
     choice = config.sft_loss == "choice"
     episodes, gold = gold_episodes(tokenizer, config, "train", config.train_games, choice,
-                                   config.sft_negatives if choice else None)
+                                   config.sft_negatives if choice else None, config.sft_noise)
     dev = (gold_episodes(tokenizer, config, "dev", config.dev_games, True)
            if config.dev_games else None)
     check_episodes(episodes + (dev[0] if dev else []), model.config.max_seq_len,

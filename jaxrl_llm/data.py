@@ -39,38 +39,98 @@ def _cache_path(cache_dir: str | None, kind: str, key) -> str | None:
 
 
 def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
-                    cache_dir: str | None = None, progress: bool = True) -> datasets.Dataset:
-    """One row per game: seed, task, observations `[S + 1]`, actions `[S]` (the gold path),
-    valid_actions `[S]` (the valid actions of each step's state), rewards `[S]`, success, done
-    (the episode ended within the gold path)."""
+                    cache_dir: str | None = None, progress: bool = True,
+                    noise: float = 0.0, noise_seed: int = 0) -> datasets.Dataset:
+    """One row per game: seed, task, observations `[S + 1]`, actions `[S]`, valid_actions `[S]`
+    (the valid actions of each step's state), trained `[S]` (the action is the expert's: a label
+    to learn), rewards `[S]`, success, done (the episode ended within the path).
+
+    `noise=0` keeps the gold path. With `noise=p` (DART, Laskey et al. 2017) each step takes,
+    with probability p, another valid action (`trained=False`) from which the expert recovers
+    (`recovery_plan`): the data then shows the off-path states a learned policy reaches and how
+    to get back, not only the states of a perfect player. Draws come from `(noise_seed, seed)`.
+    """
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
     game = dataclasses.replace(game, step_limit=EXPERT_STEP_LIMIT)
-    path = _cache_path(cache_dir, "episodes",
-                       [dataclasses.asdict(game), list(map(int, seeds)), fold])
+    path = _cache_path(cache_dir, "episodes", [dataclasses.asdict(game), list(map(int, seeds)),
+                                               fold, noise, noise_seed, "trained"])
     if path and os.path.isdir(path):
         return datasets.load_from_disk(path)
     rows, rejected, steps = [], 0, 0
-    with TextWorldBatch(game, 1) as batch:
-        for seed in tqdm(seeds, desc=f"gold paths ({fold})", disable=not progress):
+    with TextWorldBatch(game, 1) as batch, TextWorldBatch(game, 1) as replay:
+        for seed in tqdm(seeds, desc=f"expert paths ({fold})", disable=not progress):
             (episode,) = batch.reset([int(seed)], fold, gold=True)
-            valid = []
-            for action in batch.gold_actions(0):
-                if episode.done:
-                    break
-                rejected += action not in episode.valid_actions
+            plan = batch.gold_actions(0)
+            rng = np.random.default_rng((noise_seed, int(seed)))
+            valid, trained = [], []
+            while plan and not episode.done:
                 valid.append(list(episode.valid_actions))
-                (episode,) = batch.step([action])
+                detour = _detour(replay, episode, plan, rng) if rng.random() < noise else None
+                if detour:
+                    (episode,) = batch.step([detour[0]])
+                    plan = detour[1]
+                else:
+                    rejected += plan[0] not in episode.valid_actions
+                    (episode,) = batch.step([plan.pop(0)])
+                trained.append(detour is None)
             steps += len(valid)
             rows.append(dict(seed=int(seed), task=episode.task,
                              observations=episode.observations, actions=episode.actions,
-                             valid_actions=valid, rewards=episode.rewards,
+                             valid_actions=valid, trained=trained, rewards=episode.rewards,
                              success=episode.success, done=episode.done))
     if rejected:
-        logger.warning("%d of %d gold actions were not in the valid-action list (kept)",
+        logger.warning("%d of %d expert actions were not in the valid-action list (kept)",
                        rejected, steps)
     dataset = datasets.Dataset.from_list(rows)
     if path:
         dataset.save_to_disk(path)
     return dataset
+
+
+def _detour(replay: TextWorldBatch, episode: Episode, plan: list[str],
+            rng: np.random.Generator, tries: int = 3) -> tuple[str, list[str]] | None:
+    """(a random non-expert action, the expert's plan after it), or None when none of `tries`
+    draws leaves the game winnable by a `recovery_plan` (e.g. eating an ingredient)."""
+    others = [a for a in episode.valid_actions if a != plan[0]]
+    for i in rng.permutation(len(others))[:tries]:
+        recovery = recovery_plan(replay, episode, others[i], plan)
+        if recovery is not None:
+            return others[i], recovery
+    return None
+
+
+def recovery_plan(replay: TextWorldBatch, episode: Episode, action: str,
+                  plan: list[str]) -> list[str] | None:
+    """The expert's actions after `episode` takes `action` instead of `plan[0]`, or None.
+
+    Candidates, first that wins the game: the plan unchanged (the action did no harm), one
+    action and then the plan (undo first: `move west` after `move east`, `close` after
+    `open`), the plan without its first action (the action did its job). Each is checked by
+    replaying the game from its seed in `replay`.
+    """
+    history = episode.actions + [action]
+    undo = _undo(action)
+    firsts = sorted(set(episode.valid_actions) - {action}, key=lambda a: (a != undo, a))
+    for candidate in [plan] + [[a] + plan for a in firsts] + [plan[1:]]:
+        (replayed,) = replay.reset([episode.seed], episode.fold)
+        for past in history + candidate:
+            (replayed,) = replay.step([past])
+            if replayed.done:
+                break
+        if replayed.success:
+            return candidate
+    return None
+
+
+def _undo(action: str) -> str:
+    """The action that reverses `action` where the game has one ("" if none is known)."""
+    moves = dict(north="south", south="north", east="west", west="east")
+    verb, _, rest = action.partition(" ")
+    if verb == "move" and rest in moves:
+        return f"move {moves[rest]}"
+    reverse = dict(open="close", close="open", take="drop").get(verb)
+    return f"{reverse} {rest}" if reverse else ""
 
 
 def encode_episode(tokenizer, row: dict, style: str = "compact",
@@ -90,8 +150,12 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
     check_style(style)
     if negatives is not None and (not candidates or negatives < 0 or rng is None):
         raise ValueError(f"negatives={negatives} needs candidates=True, a count >= 0 and an rng")
-    tails, leaves, gold = [], [], []
-    for valid, action in zip(row["valid_actions"], row["actions"]):
+    tails, leaves, gold, steps = [], [], [], []
+    for step, (valid, action, trained) in enumerate(zip(row["valid_actions"], row["actions"],
+                                                        row["trained"])):
+        if not trained:
+            continue
+        steps.append(step)
         tail = step_tail(valid, style)
         options = valid if candidates else [action]
         if negatives is not None:
@@ -101,18 +165,22 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
         tails.append(text.encode_tail(tokenizer, tail))
         leaves.append([text.encode_action(tokenizer, tail, a) for a in options])
         gold.append(options.index(action) if action in options else -1)
+    if not steps:
+        raise ValueError(f"game {row['seed']} has no expert action to learn from")
     if max_history is None:
-        trunk = [text.encode_pieces(tokenizer, [INSTRUCTION.format(row["task"]),
-                                                OBSERVATION_BLOCK.format(0, row["observations"][0])])]
-        trunk += [text.encode_pieces(tokenizer, [ACTION_SUFFIX.format(action),
-                                                 OBSERVATION_BLOCK.format(s + 1, observation)])
-                  for s, (action, observation) in enumerate(zip(row["actions"][:-1],
-                                                                row["observations"][1:]))]
+        # A step that is not learned from has no branch: its history joins the next step's.
+        pieces = [[INSTRUCTION.format(row["task"]), OBSERVATION_BLOCK.format(0, row["observations"][0])]]
+        pieces += [[ACTION_SUFFIX.format(action), OBSERVATION_BLOCK.format(s + 1, observation)]
+                   for s, (action, observation) in enumerate(zip(row["actions"][:steps[-1]],
+                                                                 row["observations"][1:]))]
+        starts = [0] + [s + 1 for s in steps[:-1]]
+        trunk = [text.encode_pieces(tokenizer, sum(pieces[start:end + 1], []))
+                 for start, end in zip(starts, steps)]
         return [pack_episode(trunk, tails, leaves)], gold
     packed = []
-    for s in range(len(tails)):
-        prompt = text.encode_pieces(tokenizer, prompt_pieces(_state(row, s), max_history))
-        packed.append(pack_episode([prompt], [tails[s]], [leaves[s]]))
+    for step, tail, step_leaves in zip(steps, tails, leaves):
+        prompt = text.encode_pieces(tokenizer, prompt_pieces(_state(row, step), max_history))
+        packed.append(pack_episode([prompt], [tail], [step_leaves]))
     return packed, gold
 
 
@@ -135,6 +203,8 @@ def expert_dataset(game: GameConfig, seeds: Sequence[int], fold: str, tokenizer,
     for episode in expert_episodes(game, seeds, fold, progress=progress):
         last = len(episode["actions"]) - 1
         for s, action in enumerate(episode["actions"]):
+            if not episode["trained"][s]:
+                continue
             state = _state(episode, s)
             pieces = prompt_pieces(state, max_history)
             tail = step_tail(state.valid_actions)

@@ -182,20 +182,27 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
     assert summary["games"] == 3 and 0 <= summary["invalid_rate"] <= 1
 
 
-@pytest.mark.parametrize("style,max_history", [("compact", None), ("notebook", None),
-                                               ("compact", 2)])
-def test_encoded_gold_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history):
-    """Each step of a packed gold game is its per-step prompt: history + tail, then actions."""
+@pytest.mark.parametrize("style,max_history,noise", [
+    ("compact", None, 0.0), ("notebook", None, 0.0), ("compact", 2, 0.0), ("compact", None, 0.4),
+    ("notebook", 2, 0.4)])
+def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history,
+                                                             noise):
+    """Each learned step of a packed game is its per-step prompt: history + tail, then actions
+    (a detour of a noisy path has no branch, but stays in the history of later steps)."""
     from jaxrl_llm.data import encode_episode, expert_episodes
 
     tokenizer = ByteTokenizer()
-    (row,) = expert_episodes(GameConfig(), [3], "train", cache_dir=str(tmp_path), progress=False)
-    assert expert_episodes(GameConfig(), [3], "train", cache_dir=str(tmp_path))[0] == row
+    episodes = lambda: expert_episodes(GameConfig(), [3], "train", cache_dir=str(tmp_path),
+                                       progress=False, noise=noise)
+    (row,) = episodes()
+    assert episodes()[0] == row
     assert len(row["actions"]) == len(row["valid_actions"]) == len(row["observations"]) - 1
+    learned = [step for step, trained in enumerate(row["trained"]) if trained]
+    assert (len(learned) < len(row["actions"])) == (noise > 0)
     packed, gold = encode_episode(tokenizer, row, style, max_history, candidates=True)
     steps = [(p, s) for p in packed for s in range(len(p.decisions))]
-    assert len(steps) == len(row["actions"])
-    for step, (p, s) in enumerate(steps):
+    assert len(steps) == len(learned)
+    for n, (step, (p, s)) in enumerate(zip(learned, steps)):
         state = Episode(seed=3, fold="train", task=row["task"],
                         observations=row["observations"][:step + 1],
                         actions=row["actions"][:step])
@@ -209,12 +216,35 @@ def test_encoded_gold_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_
         leaves = p.tokens[(p.branch == s) & (p.leaf >= 0)].tolist()
         tail = step_tail(valid, style)
         assert leaves == [i for a in valid for i in text.encode_action(tokenizer, tail, a)]
-        if gold[step] >= 0:
-            assert valid[gold[step]] == row["actions"][step]
+        if gold[n] >= 0:
+            assert valid[gold[n]] == row["actions"][step]
     sft, _ = encode_episode(tokenizer, row, style, max_history)
     assert sum(len(p.targets) for p in sft) == sum(
-        len(text.encode_action(tokenizer, step_tail(v, style), a))
-        for v, a in zip(row["valid_actions"], row["actions"]))
+        len(text.encode_action(tokenizer, step_tail(row["valid_actions"][s], style),
+                               row["actions"][s])) for s in learned)
+
+
+def test_noisy_expert_paths_recover_from_every_detour(tmp_path):
+    """DART data: detours are other valid actions, the expert's recovery still wins each game,
+    and the draws are those of the noise seed."""
+    from jaxrl_llm.data import expert_episodes
+
+    paths = lambda noise, seed=0: expert_episodes(GameConfig(), range(4), "train", noise=noise,
+                                                  noise_seed=seed, progress=False)
+    gold, noisy = paths(0.0), paths(0.3)
+    assert all(all(row["trained"]) for row in gold)
+    assert all(noisy["success"]) and all(gold["success"])
+    detours = 0
+    for row, expert in zip(noisy, gold):
+        for action, valid, trained in zip(row["actions"], row["valid_actions"], row["trained"]):
+            assert action in valid or trained  # a detour is a valid action (gold ones may not be)
+            detours += not trained
+        assert row["actions"] != expert["actions"] or all(row["trained"])
+    assert detours > 0
+    assert paths(0.3).to_list() == noisy.to_list()
+    assert paths(0.3, seed=1)["actions"] != noisy["actions"]
+    with pytest.raises(ValueError, match="noise must be in"):
+        paths(1.0)
 
 
 def test_sampled_negatives_are_the_gold_action_and_k_other_valid_ones(tmp_path):
