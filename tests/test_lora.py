@@ -31,7 +31,9 @@ def next_token_loss(model, batch):
     logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
     target_mask = mask[:, 1:].astype(jnp.float32)
     loss_sum = -jnp.sum(logp * target_mask)
-    return loss_sum, jnp.sum(target_mask), {"loss": loss_sum}
+    # A row mean beside the token mean: a (sum, count) pair is divided by its own count.
+    row_logp = (-jnp.sum(logp * target_mask), jnp.float32(len(tokens)))
+    return loss_sum, jnp.sum(target_mask), {"loss": loss_sum, "row_nll": row_logp}
 
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24)).astype(np.int32)
@@ -135,6 +137,10 @@ def test_micro_batches_give_the_token_mean():
     split, m2 = run({"tokens": jnp.asarray(TOKENS)[:, None], "mask": jnp.asarray(mask)[:, None]})
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), whole, split)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    # Per-row NLL summed over the two rows / 2 rows == token mean x tokens / 2.
+    tokens = mask[:, 1:].sum()
+    np.testing.assert_allclose(float(m2["row_nll"]), float(m1["loss"]) * tokens / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(m1["row_nll"]), float(m2["row_nll"]), rtol=1e-5)
 
 
 def test_remat_gives_the_same_gradients():

@@ -92,8 +92,8 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(algorithm, top_k):
     np.testing.assert_allclose(np.asarray(logprobs)[mask], micro["old_logprobs"][mask],
                                atol=2e-5)
     _, metrics = trainer.step(state, batch)
-    assert float(metrics["clip_fraction_token_sum"]) == 0.0
-    assert float(metrics["approx_kl_token_sum"]) == pytest.approx(0.0, abs=1e-8)
+    assert float(metrics["clip_fraction"]) == 0.0
+    assert float(metrics["approx_kl"]) == pytest.approx(0.0, abs=1e-8)
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])

@@ -52,7 +52,6 @@ CLIPPED = ("ppo", "grpo", "dr_grpo")  # ratio-clipped surrogate: several epochs 
 PAPER_DEFAULTS = dict(ppo=("token_mean", "reward"), reinforce=("seq_sum_norm", "reward"),
                       rloo=("seq_sum_norm", "reward"), grpo=("seq_mean_token_mean", "loss"),
                       dr_grpo=("seq_sum_norm", "loss"))
-TOKEN_SUMS = ("entropy", "clip_fraction", "approx_kl")  # logged as exact token means
 
 # reward_fn(prompts_tokens, responses_tokens) -> [N] rewards, one per response; responses hold
 # the sampled ids up to and including the stop / EOS token.
@@ -329,8 +328,8 @@ def prompt_rl_loss(model: nnx.Module, batch, config: PromptRLConfig):
       batch: `collect`'s arrays for b rows (`kl_coef [b]`: an array, so an adapted beta does not
         recompile the step).
     Returns:
-      `(loss_sum, count, metric_sums)`; metrics in `TOKEN_SUMS` are token sums
-      (`<name>_token_sum`, divide by `response_tokens` for exact token means).
+      `(loss_sum, count, metric_sums)`; entropy, clip_fraction and approx_kl are
+      `(token sum, token count)` pairs: exact token means whatever the loss's reduction.
     """
     mask = batch["response_mask"]
     logprobs, entropy, values = policy_scores(model, batch, remat=config.remat)
@@ -359,8 +358,9 @@ def prompt_rl_loss(model: nnx.Module, batch, config: PromptRLConfig):
                       clip_fraction=(jnp.abs(ratio_minus_one) > config.clip_eps).astype(
                           jnp.float32),
                       approx_kl=ratio_minus_one - log_ratio)  # k3 of KL(old || new)
-    metrics.update({f"{k}_token_sum": losses.masked_sum(v, mask) for k, v in token_sums.items()},
-                   loss=loss, response_tokens=jnp.sum(mask.astype(jnp.float32)))
+    tokens = jnp.sum(mask.astype(jnp.float32))
+    metrics.update({k: (losses.masked_sum(v, mask), tokens) for k, v in token_sums.items()},
+                   loss=loss)
     return loss, count, metrics
 
 
@@ -387,14 +387,8 @@ def update(trainer: Trainer, state: TrainState, arrays: dict[str, np.ndarray],
     for epoch_key in jax.random.split(key, config.epochs):
         for batch in minibatches(arrays, config, epoch_key):
             state, metrics = trainer.step(state, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            # Both are divided by the step's loss count: their ratio is the exact token mean.
-            for name in TOKEN_SUMS:
-                metrics[name] = metrics.pop(f"{name}_token_sum") / max(metrics["response_tokens"],
-                                                                       1e-8)
-            steps.append(metrics)
-    skip = ("response_tokens", "tokens")
-    return state, {k: float(np.mean([s[k] for s in steps])) for k in steps[0] if k not in skip}
+            steps.append({k: float(v) for k, v in metrics.items()})
+    return state, {k: float(np.mean([s[k] for s in steps])) for k in steps[0] if k != "tokens"}
 
 
 def iteration(trainer: Trainer, state: TrainState, reference: nnx.Module,

@@ -36,8 +36,10 @@ from jaxrl_llm.sharding import (MeshConfig, make_mesh, opt_state_shardings, shar
 _CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 # loss_fn(model, micro_batch) -> (loss_sum, count, metric_sums): the loss to minimise summed over
-# the micro-batch's tokens (or sequences), how many there were, and sums of metrics to report
-# (each reported as sum / count over the whole batch; include the loss itself to see it).
+# the micro-batch's tokens (or sequences), how many there were, and sums of metrics to report:
+# a value is reported as sum / count over the whole batch (include the loss itself to see it),
+# a `(sum, count)` pair as its own sum / its own count (e.g. a token mean beside a loss whose
+# count is sequences).
 LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
@@ -233,7 +235,8 @@ def _update(optimizer, state: TrainState, rng, accumulated):
                                   for x in jax.tree.leaves((grads, metric_sums))]))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
-    metrics = {name: value / count for name, value in metric_sums.items()}
+    metrics = {name: value[0] / jnp.maximum(value[1], 1e-8) if isinstance(value, tuple)
+               else value / count for name, value in metric_sums.items()}
     metrics.update(grad_norm=optax.tree.norm(grads), tokens=count,
                    skipped=1.0 - finite.astype(jnp.float32))
     return TrainState(trainable, opt_state, rng, state.step + 1), metrics
