@@ -123,8 +123,13 @@ def check_episodes(episodes: Sequence[PackedEpisode], max_seq_len: int, vocab_si
                              "was encoded with another tokenizer than the model's")
 
 
-def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0) -> dict[str, np.ndarray]:
+def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0,
+            at_least: tuple[int, int, int] = (0, 0, 0)) -> dict[str, np.ndarray]:
     """Packed episodes -> one batch of `[B, ...]` host arrays, widths bucketed.
+
+    `at_least` are lower bounds of the N, S and C widths: batches of one dataset padded to its
+    widest (`widths`) differ only in T, so a run compiles one program per token bucket instead
+    of one per combination of buckets (their padding costs next to nothing).
 
     Keys: tokens, positions, branch, leaf `[B, T]`; targets, predictors, target_slot (flat
     step * C + leaf, -1 on padding) `[B, N]`; decisions, step_mask `[B, S]`; leaf_lengths
@@ -133,9 +138,7 @@ def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0) -> dict[str, np.
     """
     # Every width is bucketed, so that a run compiles a few programs, not one per game.
     t = bucket_length(max(e.num_tokens for e in episodes))
-    n = bucket_length(max(len(e.targets) for e in episodes))
-    s = bucket_length(max(len(e.decisions) for e in episodes))
-    c = bucket_length(max(e.leaf_lengths.shape[1] for e in episodes))
+    n, s, c = (bucket_length(max(w, least)) for w, least in zip(widths(episodes), at_least))
     b = len(episodes)
     batch = dict(tokens=np.full((b, t), pad_id, np.int32), positions=np.zeros((b, t), np.int32),
                  branch=np.full((b, t), -1, np.int32), leaf=np.full((b, t), -1, np.int32),
@@ -152,6 +155,12 @@ def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0) -> dict[str, np.
         batch["decisions"][row, :steps], batch["step_mask"][row, :steps] = e.decisions, True
         batch["leaf_lengths"][row, :steps, :e.leaf_lengths.shape[1]] = e.leaf_lengths
     return batch
+
+
+def widths(episodes: Sequence[PackedEpisode]) -> tuple[int, int, int]:
+    """The most scored tokens, steps and leaves per step of any of `episodes` (N, S, C)."""
+    return (max(len(e.targets) for e in episodes), max(len(e.decisions) for e in episodes),
+            max(e.leaf_lengths.shape[1] for e in episodes))
 
 
 class PackedOutput(NamedTuple):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import losses
-from jaxrl_llm.packing import PackedEpisode, collate, pack_episode, packed_forward
+from jaxrl_llm.packing import PackedEpisode, collate, pack_episode, packed_forward, widths
 from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
 from jaxrl_llm.train.hparams import PPOHyperparams
 
@@ -123,10 +123,15 @@ def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
 @dataclasses.dataclass
 class PackedRollout:
     """The update's data: packed sequences and per sequence its steps' arrays `[S]` (`[S, C]`
-    for ref_logpi): choice, old_logprob, ref_logprob, ref_logpi, old_value, advantage, return."""
+    for ref_logpi): choice, old_logprob, ref_logprob, ref_logpi, old_value, advantage, return.
+    Batches of it are padded to its widest N, S and C (`packing.widths`)."""
 
     episodes: list[PackedEpisode]
     steps: list[dict[str, np.ndarray]]
+
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        return widths(self.episodes)
 
 
 def pack_rollout(transitions, shared_history: bool, max_len: int
@@ -190,8 +195,9 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
     episodes, members = pack_rollout(transitions, shared_history, max_len)
     ref_logprob = np.zeros(len(transitions), np.float32)
     ref_logpi = []
+    at_least = widths(episodes)  # as the update's batches: one program per token bucket
     for episode, group in zip(episodes, members):
-        batch = collate([episode], pad_id)
+        batch = collate([episode], pad_id, at_least)
         batch["choice"] = np.zeros(batch["step_mask"].shape, np.int32)
         batch["choice"][0, :len(group)] = [transitions[n].choice for n in group]
         logprob, _, logpi = step_logprobs(reference_forward(batch), batch, config)
@@ -257,7 +263,7 @@ def collate_steps(rollout: PackedRollout, rows: Sequence[int], pad_id: int = 0
                   ) -> dict[str, np.ndarray]:
     """Packed sequences `rows` of a rollout as one training batch: `packing.collate` plus the
     step arrays padded to its `[B, S]` (`[B, S, C]`) and a `weight` that is 0 on padded steps."""
-    batch = collate([rollout.episodes[r] for r in rows], pad_id)
+    batch = collate([rollout.episodes[r] for r in rows], pad_id, rollout.widths)
     b, s, c = batch["leaf_lengths"].shape
     for key in rollout.steps[rows[0]]:
         shape = (b, s, c) if key == "ref_logpi" else (b, s)

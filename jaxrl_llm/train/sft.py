@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 from jaxrl_llm.logprobs import score_responses
-from jaxrl_llm.packing import PackedEpisode, collate, packed_forward
+from jaxrl_llm.packing import PackedEpisode, collate, packed_forward, widths
 from jaxrl_llm.padding import bucket_length, pad_left, pad_right
 from jaxrl_llm.scoring import action_logprobs
 from jaxrl_llm.train.step import micro_batches
@@ -118,17 +118,20 @@ def episode_batches(episodes: Sequence[PackedEpisode], config: SFTConfig, epoch:
     Episodes are sorted by length and cut into groups (little padding per micro-batch); the
     order of the groups is shuffled per epoch (seeded by `(config.seed, epoch)`). A last short
     group just has fewer micro-batches: the loss is a token mean, so it needs no padding rows.
+    Every micro-batch has the dataset's widest N, S and C (`packing.widths`): only its token
+    width varies, which keeps the compiled programs few.
     With `gold` (per episode, each step's gold leaf), batches also hold `gold [B, S]` (-1 on
     padded steps) for `packed_choice_loss`.
     """
     order = np.argsort([e.num_tokens for e in episodes], kind="stable")
+    at_least = widths(episodes)
     groups = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     rng = np.random.default_rng((config.seed, epoch))
     for group in (groups[i] for i in rng.permutation(len(groups))):
         micros = []
         for j in range(0, len(group), config.micro_batch_size):
             rows = group[j:j + config.micro_batch_size]
-            micro = collate([episodes[i] for i in rows], pad_id)
+            micro = collate([episodes[i] for i in rows], pad_id, at_least)
             if gold is not None:
                 micro["gold"] = np.full(micro["step_mask"].shape, -1, np.int32)
                 for r, i in enumerate(rows):
@@ -152,8 +155,9 @@ def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequ
       forward answers both, so each run measures that lever too).
     """
     hits, other, logprob, steps = 0, 0, 0.0, 0
+    at_least = widths(episodes)  # one program per token bucket
     for episode, gold_index in zip(episodes, gold):
-        batch = collate([episode], pad_id)
+        batch = collate([episode], pad_id, at_least)
         scores = np.asarray(score_fn(batch).scores[0])
         mask, lengths = batch["leaf_lengths"][0] > 0, batch["leaf_lengths"][0]
         policy = lambda norm: np.asarray(action_logprobs(scores, mask, temperature,
