@@ -124,12 +124,14 @@ def check_episodes(episodes: Sequence[PackedEpisode], max_seq_len: int, vocab_si
 
 
 def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0,
-            at_least: tuple[int, int, int] = (0, 0, 0)) -> dict[str, np.ndarray]:
+            at_least: tuple[int, int, int, int] = (0, 0, 0, 0)) -> dict[str, np.ndarray]:
     """Packed episodes -> one batch of `[B, ...]` host arrays, widths bucketed.
 
-    `at_least` are lower bounds of the N, S and C widths: batches of one dataset padded to its
-    widest (`widths`) differ only in T, so a run compiles one program per token bucket instead
-    of one per combination of buckets (their padding costs next to nothing).
+    `at_least` are lower bounds of the T, N, S and C widths. Batches of one dataset padded to
+    its widest N, S and C (`widths`, T left free) differ only in T: a run compiles one program
+    per token bucket instead of one per combination of buckets, and that padding costs next to
+    nothing. With T too, every batch has one shape (one program for a small dataset, e.g. a PPO
+    iteration's games, at the price of padding short rows).
 
     Keys: tokens, positions, branch, leaf `[B, T]`; targets, predictors, target_slot (flat
     step * C + leaf, -1 on padding) `[B, N]`; decisions, step_mask `[B, S]`; leaf_lengths
@@ -137,8 +139,7 @@ def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0,
     targets and steps are masked out.
     """
     # Every width is bucketed, so that a run compiles a few programs, not one per game.
-    t = bucket_length(max(e.num_tokens for e in episodes))
-    n, s, c = (bucket_length(max(w, least)) for w, least in zip(widths(episodes), at_least))
+    t, n, s, c = (bucket_length(max(w, least)) for w, least in zip(widths(episodes), at_least))
     b = len(episodes)
     batch = dict(tokens=np.full((b, t), pad_id, np.int32), positions=np.zeros((b, t), np.int32),
                  branch=np.full((b, t), -1, np.int32), leaf=np.full((b, t), -1, np.int32),
@@ -157,9 +158,11 @@ def collate(episodes: Sequence[PackedEpisode], pad_id: int = 0,
     return batch
 
 
-def widths(episodes: Sequence[PackedEpisode]) -> tuple[int, int, int]:
-    """The most scored tokens, steps and leaves per step of any of `episodes` (N, S, C)."""
-    return (max(len(e.targets) for e in episodes), max(len(e.decisions) for e in episodes),
+def widths(episodes: Sequence[PackedEpisode]) -> tuple[int, int, int, int]:
+    """The most tokens, scored tokens, steps and leaves per step of any of `episodes`
+    (T, N, S, C)."""
+    return (max(e.num_tokens for e in episodes), max(len(e.targets) for e in episodes),
+            max(len(e.decisions) for e in episodes),
             max(e.leaf_lengths.shape[1] for e in episodes))
 
 

@@ -53,11 +53,16 @@ def per_step_reference(model, trunk, tails, leaves):
     return scores, hidden
 
 
-def test_packed_forward_equals_per_step_prompts():
+@pytest.mark.parametrize("at_least", [(0, 0, 0, 0), (300, 100, 9, 7)])
+def test_packed_forward_equals_per_step_prompts(at_least):
+    """Also when collated wider than needed (`at_least`): the extra slots are inert."""
     model = tiny_lora()
     rng = np.random.default_rng(0)
     games = [random_game(rng, steps) for steps in (5, 3)]
-    batch = collate([pack_episode(*g) for g in games])
+    batch = collate([pack_episode(*g) for g in games], at_least=at_least)
+    assert all(w >= least for w, least in zip(
+        (batch["tokens"].shape[1], batch["targets"].shape[1], *batch["leaf_lengths"].shape[1:]),
+        at_least))
     out = packed_forward(model, jax.tree.map(jnp.asarray, batch))
     for row, game in enumerate(games):
         scores, hidden = per_step_reference(model, *game)

@@ -124,13 +124,14 @@ def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
 class PackedRollout:
     """The update's data: packed sequences and per sequence its steps' arrays `[S]` (`[S, C]`
     for ref_logpi): choice, old_logprob, ref_logprob, ref_logpi, old_value, advantage, return.
-    Batches of it are padded to its widest N, S and C (`packing.widths`)."""
+    Batches of it are padded to its widest T, N, S and C (`packing.widths`): the update and
+    the reference scoring compile one program each per iteration shape."""
 
     episodes: list[PackedEpisode]
     steps: list[dict[str, np.ndarray]]
 
     @property
-    def widths(self) -> tuple[int, int, int]:
+    def widths(self) -> tuple[int, int, int, int]:
         return widths(self.episodes)
 
 
@@ -195,7 +196,7 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
     episodes, members = pack_rollout(transitions, shared_history, max_len)
     ref_logprob = np.zeros(len(transitions), np.float32)
     ref_logpi = []
-    at_least = widths(episodes)  # as the update's batches: one program per token bucket
+    at_least = widths(episodes)  # the update's batch shape: one program
     for episode, group in zip(episodes, members):
         batch = collate([episode], pad_id, at_least)
         batch["choice"] = np.zeros(batch["step_mask"].shape, np.int32)

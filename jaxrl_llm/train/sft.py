@@ -124,7 +124,7 @@ def episode_batches(episodes: Sequence[PackedEpisode], config: SFTConfig, epoch:
     padded steps) for `packed_choice_loss`.
     """
     order = np.argsort([e.num_tokens for e in episodes], kind="stable")
-    at_least = widths(episodes)
+    at_least = (0, *widths(episodes)[1:])
     groups = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     rng = np.random.default_rng((config.seed, epoch))
     for group in (groups[i] for i in rng.permutation(len(groups))):
@@ -155,7 +155,7 @@ def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequ
       forward answers both, so each run measures that lever too).
     """
     hits, other, logprob, steps = 0, 0, 0.0, 0
-    at_least = widths(episodes)  # one program per token bucket
+    at_least = (0, *widths(episodes)[1:])  # one program per token bucket
     for episode, gold_index in zip(episodes, gold):
         batch = collate([episode], pad_id, at_least)
         scores = np.asarray(score_fn(batch).scores[0])
