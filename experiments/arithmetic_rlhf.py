@@ -22,6 +22,7 @@ Outputs go to `--run-dir`: config.json, metrics.jsonl, curves.png, results.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -42,7 +43,6 @@ from jaxrl_llm.evaluation import wilson_interval
 from jaxrl_llm.generation import generate
 from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model import ModelConfig, Transformer
-from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.padding import bucket_length, pad_left
 from jaxrl_llm.sampling import SamplingConfig
 from jaxrl_llm.train import prompt_rl
@@ -71,6 +71,9 @@ class Config:
     # Share of reward-model pairs whose wrong answer is a sample of the SFT policy (the mistakes
     # PPO will make), the rest synthetic corruptions; held-out pairs are mixed the same way.
     rm_policy_fraction: float = 0.5
+    # How the reward is read (`reward_model.SCORES`): "likelihood", the mean token log-prob
+    # under the SFT model fine-tuned on the pairs, or "value", a scalar head on its features.
+    rm_kind: str = "likelihood"
     rm_epochs: int = 2  # passes over the reward-model pairs
     rm_batch_size: int = 64  # pairs per reward-model step
     rm_learning_rate: float = 1e-3  # AdamW peak of the reward model
@@ -97,6 +100,9 @@ class Config:
         self.task  # its errors, before any training
         if self.reward not in ("model", "exact"):
             raise ValueError(f"--reward must be 'model' or 'exact', got {self.reward!r}")
+        if self.rm_kind not in rm.SCORES:
+            raise ValueError(f"--rm-kind must be one of {', '.join(rm.SCORES)}, got "
+                             f"{self.rm_kind!r}")
         if not 0.0 <= self.rm_policy_fraction <= 1.0:
             raise ValueError(f"--rm-policy-fraction must be in [0, 1], got "
                              f"{self.rm_policy_fraction}")
@@ -175,30 +181,31 @@ def preference_pairs(policy, tokenizer, problems, config: Config, rng, key, widt
     answers = [answer_ids(tokenizer, p, config.max_value) for p in problems]
     sampled = rng.random(len(problems)) < config.rm_policy_fraction
     wrong = [corrupt(a, tokenizer, rng, config.max_value) for a in answers]
-    chunk = 1024
-    for start in range(0, len(problems), chunk):
-        rows = [i for i in range(start, min(start + chunk, len(problems))) if sampled[i]]
-        if rows:
-            samples = continuations(policy, tokenizer, [prompts[i] for i in rows],
-                                    jax.random.fold_in(key, start), greedy=False)
-            for i, sample in zip(rows, samples):
-                if sample != answers[i]:
-                    wrong[i] = sample
+    chunk = 1024  # whole chunks are sampled: one compiled shape, whichever rows are used
+    for start in range(0, len(problems) if sampled.any() else 0, chunk):
+        samples = continuations(policy, tokenizer, prompts[start:start + chunk],
+                                jax.random.fold_in(key, start), greedy=False)
+        for i, sample in enumerate(samples, start):
+            if sampled[i] and sample != answers[i]:
+                wrong[i] = sample
     return rm.pair_batch(prompts, answers, wrong, width, tokenizer.pad_id)
 
 
 def train_reward_model(sft_model, tokenizer, train, heldout, config: Config, rng, key, log,
-                       width: int) -> tuple[ActorCritic, float]:
-    """The SFT trunk + a scalar head, every weight trained on preference pairs; returns it and
-    its accuracy on pairs of held-out problems."""
+                       width: int) -> tuple[nnx.Module, float, float]:
+    """A copy of the SFT model read as `rm_kind`, every weight trained on preference pairs;
+    returns it and its accuracy on pairs of held-out problems, after and before training."""
     train_key, heldout_key = jax.random.split(key)
-    reward_model = ActorCritic(nnx.clone(sft_model))
+    reward_model = rm.reward_model_for(sft_model, config.rm_kind)
+    heldout_pairs = preference_pairs(sft_model, tokenizer, heldout, config, rng, heldout_key,
+                                     width)
+    untrained = rm.pair_accuracy(reward_model, heldout_pairs, config.rm_kind)
     arrays = preference_pairs(sft_model, tokenizer, train, config, rng, train_key, width)
     size = config.rm_batch_size
     per_epoch = len(train) // size
     trainer = Trainer(reward_model, make_optimizer(OptimConfig(
         learning_rate=config.rm_learning_rate, total_steps=per_epoch * config.rm_epochs + 1)),
-        rm.preference_loss, trainable=nnx.Param)
+        functools.partial(rm.preference_loss, kind=config.rm_kind), trainable=nnx.Param)
     state = trainer.init()
     bar = tqdm(total=per_epoch * config.rm_epochs, desc="reward model", unit="step")
     for epoch in range(config.rm_epochs):
@@ -212,9 +219,7 @@ def train_reward_model(sft_model, tokenizer, train, heldout, config: Config, rng
             log(dict(stage="rm", epoch=epoch, step=int(state.step), **metrics))
     bar.close()
     reward_model = trainer.model(state)
-    heldout_pairs = preference_pairs(sft_model, tokenizer, heldout, config, rng, heldout_key,
-                                     width)
-    return reward_model, rm.pair_accuracy(reward_model, heldout_pairs)
+    return reward_model, rm.pair_accuracy(reward_model, heldout_pairs, config.rm_kind), untrained
 
 
 def with_interval(successes: int, n: int) -> dict:
@@ -292,15 +297,17 @@ def main(config: Config) -> dict:
     results["sft_seconds"] = time.time() - start
     results["sft"] = evaluate(policy, tokenizer, heldout, config, eval_key)
     start = time.time()
-    reward_model, accuracy = train_reward_model(
+    reward_model, accuracy, untrained = train_reward_model(
         policy, tokenizer, sample_problems(rng, config.rm_pairs, config.task, seen), heldout,
         config, rng, rm_key, log, width)
-    results.update(reward_model_accuracy=accuracy, rm_seconds=time.time() - start)
+    results.update(reward_model_accuracy=accuracy, reward_model_accuracy_untrained=untrained,
+                   rm_seconds=time.time() - start)
     train_problems = sample_problems(rng, 4096, config.task, seen)
     answers = {tuple(prompt_ids(tokenizer, p, t)): answer_ids(tokenizer, p, config.max_value)
                for p in train_problems for t in range(len(TEMPLATES))}
     exact = exact_reward_fn(answers)
-    reward_fn = rm.reward_fn(reward_model, width, PAD_ID) if config.reward == "model" else exact
+    reward_fn = (rm.reward_fn(reward_model, width, PAD_ID, config.rm_kind)
+                 if config.reward == "model" else exact)
     start = time.time()
     policy = rlhf(policy, tokenizer, reward_fn, exact, train_problems, heldout, config, rl_key,
                   rng, log)
@@ -318,7 +325,9 @@ def main(config: Config) -> dict:
 
 
 def print_summary(results: dict, config: Config) -> None:
-    print(f"\nreward model held-out pair accuracy: {results['reward_model_accuracy']:.3f}")
+    print(f"\nreward model ({config.rm_kind}) held-out pair accuracy: "
+          f"{results['reward_model_accuracy']:.3f} (before its training: "
+          f"{results['reward_model_accuracy_untrained']:.3f})")
     print(f"{'policy':<8} {'exact, greedy (95% CI)':>24} {'exact, sampled (95% CI)':>25}   "
           f"({config.heldout_problems} held-out problems)")
     cell = lambda r: f"{r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"

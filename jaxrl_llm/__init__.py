@@ -14,6 +14,7 @@ The public API is these modules, imported by path (`from jaxrl_llm import losses
   model        Llama-family decoders (`load_model`), int8 weight-only base, LoRA, value head
   train        `step.Trainer` (one donated optimizer step), `sft`, `ppo` (step level),
                `prompt_rl` (PPO, REINFORCE, RLOO, GRPO, Dr. GRPO on prompts)
+  reward_model a learned reward: trunk + scalar head, Bradley-Terry training on pairs
   agent, evaluation, envs.textworld, data   the TextWorld agent, its games and expert data
   checkpoint, metrics, sharding, export     runs: checkpoints, logs, meshes, PEFT export
 
@@ -23,5 +24,5 @@ it needs.
 
 __version__ = "0.1.0"
 __all__ = ["agent", "checkpoint", "data", "envs", "evaluation", "export", "generation",
-           "logprobs", "losses", "metrics", "model", "packing", "padding", "rewards", "sampling",
-           "scoring", "sharding", "text", "train"]
+           "logprobs", "losses", "metrics", "model", "packing", "padding", "reward_model",
+           "rewards", "sampling", "scoring", "sharding", "text", "train"]
