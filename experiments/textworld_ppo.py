@@ -36,6 +36,7 @@ from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.data import encode_episode, expert_episodes
 from jaxrl_llm.envs.textworld import PROMPT_STYLES, GameConfig, TextWorldBatch
 from jaxrl_llm.evaluation import evaluate_policy
+from jaxrl_llm.generation import compile_count
 from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model.loading import QUANTIZE_MODES
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
@@ -80,15 +81,16 @@ class Config:
     sft_negatives: int = 4  # choice loss: other valid actions per step scored against the gold
     # Probability that an SFT game takes a random other action, from which the expert
     # recovers (DART): the policy learns the off-path states it will reach and the way back.
-    sft_noise: float = 0.0
+    sft_noise: float = 0.2
     sft_epochs: int = 1  # passes over the SFT games
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
     sft_learning_rate: float = 3e-4  # AdamW peak learning rate (warmup, then linear decay)
-    # Recompute activations in the backward pass: more compute, far less memory. A packed game
-    # with every valid action as a candidate (PPO) is ~5k tokens, whose attention activations
-    # alone would not fit in 24 GB; a compact-prompt SFT game (~1.4k tokens) fits without.
-    sft_remat: bool = False  # recompute activations in SFT's backward pass
+    # Recompute activations in the backward pass: a third more compute, far less memory. The
+    # attention activations of a packed game grow with the square of its tokens, and the
+    # longest noisy SFT games (~2.5k tokens) or PPO games with every valid action as a
+    # candidate (~5k) do not fit a 24 GB machine without it.
+    sft_remat: bool = True  # recompute activations in SFT's backward pass
     ppo_remat: bool = True  # recompute activations in the PPO updates' backward pass
     ppo_iterations: int = 2  # collect + update rounds
     ppo_step_limit: int = 16  # step limit of the training games (notebook 000's)
@@ -180,7 +182,7 @@ class Config:
                           run_dir="runs/smoke"),
             "cpu": {},
             "gpu": dict(train_games=400, dev_games=32, eval_games=128, num_envs=32,
-                        sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4, sft_remat=True,
+                        sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4,
                         ppo_iterations=50, ppo_epochs=2, ppo_minibatch_size=8, env_workers=16,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
         }
@@ -394,19 +396,27 @@ def main(config: Config) -> dict:
     shard_model(model, mesh)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
           f"{dict(mesh.shape)}", flush=True)
-    results = {}
+    results, seconds = {}, {}
+
+    def timed(stage: str, work):
+        start = time.time()
+        out = work()
+        seconds[stage] = time.time() - start
+        return out
+
+    def evaluated(label: str, policy_name: str):
+        results[policy_name] = timed(f"eval_{policy_name}", lambda: evaluate(
+            model, tokenizer, config, key, label, mesh, policy=policy_identity(model)))
+
     if config.zero_shot_eval:
-        results["zero_shot"] = evaluate(model, tokenizer, config, key, "zero-shot", mesh,
-                                        policy=policy_identity(model))
-    model, sft_seconds = sft(model, tokenizer, config, run, mesh)
-    results["sft"] = evaluate(model, tokenizer, config, key, "SFT", mesh,
-                              policy=policy_identity(model))
-    results["sft_wall_time_s"] = sft_seconds
-    start = time.time()
-    model = ppo(model, tokenizer, config, key, run, mesh)
-    results["ppo"] = evaluate(model, tokenizer, config, key, "PPO", mesh,
-                              policy=policy_identity(model))
-    results["ppo_wall_time_s"] = time.time() - start
+        evaluated("zero-shot", "zero_shot")
+    model, sft_seconds = timed("sft", lambda: sft(model, tokenizer, config, run, mesh))
+    evaluated("SFT", "sft")
+    model = timed("ppo", lambda: ppo(model, tokenizer, config, key, run, mesh))
+    evaluated("PPO", "ppo")
+    # A resumed run loads its SFT checkpoint: its training time is the one saved with it.
+    results["wall_time_s"] = {**seconds, "sft_training": sft_seconds}
+    results["compiled_play_programs"] = compile_count()
     with open(os.path.join(config.run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
     run.close()
@@ -429,8 +439,9 @@ def print_table(results: dict, step_limits) -> None:
 def print_summary(results: dict, config: Config) -> None:
     print_table({p: results[p] for p in ("zero_shot", "sft", "ppo") if p in results},
                 config.eval_step_limits)
-    print(f"SFT {results['sft_wall_time_s']:.0f} s, PPO {results['ppo_wall_time_s']:.0f} s; "
-          f"run dir {config.run_dir}")
+    stages = ", ".join(f"{stage} {s / 60:.1f}" for stage, s in results["wall_time_s"].items())
+    print(f"wall time (min): {stages}; {results['compiled_play_programs']} play programs "
+          f"compiled; run dir {config.run_dir}")
 
 
 def parse_args(argv=None) -> Config:

@@ -44,6 +44,9 @@ def test_smoke_run_killed_and_resumed_equals_the_run_that_never_stopped(tmp_path
     assert not os.path.exists(os.path.join(run_dir, "eval.json"))  # it died before the end
     first = main(Config.preset("smoke", run_dir=run_dir, ppo_iterations=3))
     assert set(first) >= {"zero_shot", "sft", "ppo"}
+    assert set(first["wall_time_s"]) == {"eval_zero_shot", "sft", "sft_training", "eval_sft",
+                                         "ppo", "eval_ppo"}
+    assert first["compiled_play_programs"] > 0
     records = _records(run_dir)
     assert [r["iteration"] for r in records if r["stage"] == "ppo"] == [1, 2, 3]
     # Game seeds, sampling and shuffles come from the checkpointed key, and work logged after
