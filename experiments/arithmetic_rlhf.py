@@ -8,9 +8,10 @@ Stages (paper order, Ouyang et al. 2022):
   1. SFT: a small decoder of our Llama class, trained from scratch (every weight) to answer
      "generate an arithmetic series with n terms starting with value s and common difference d"
      with "s s+d ... <EOS>" (terms above `max_value` are left out, as in the notebook);
-  2. reward model (`jaxrl_llm.reward_model`): the SFT trunk + a scalar head averaged over the
-     response tokens, trained with the Bradley-Terry loss on (correct, wrong) continuations,
-     the wrong ones sampled from the SFT policy or synthetic corruptions; held-out accuracy;
+  2. reward model (`jaxrl_llm.reward_model`): a copy of the SFT model, read as the mean
+     log-prob of the response (`--rm-kind likelihood`) or through a scalar head (`value`),
+     trained with the Bradley-Terry loss on (correct, wrong) continuations, the wrong ones
+     sampled from the SFT policy or synthetic corruptions; held-out accuracy;
   3. PPO (`train.prompt_rl`) against the learned reward, KL to the frozen SFT model, logging
      the program's verdict on the same samples beside the reward it optimises;
   4. the exact-correctness rate of continuations (checked by a program, not by the reward
@@ -285,7 +286,7 @@ def main(config: Config) -> dict:
     log = run.log
 
     rng = np.random.default_rng(config.seed)
-    key, rm_key, eval_key, rl_key = jax.random.split(jax.random.key(config.seed), 4)
+    rm_key, eval_key, rl_key = jax.random.split(jax.random.key(config.seed), 3)
     tokenizer = WordTokenizer(config.max_value)
     heldout = sample_problems(rng, config.heldout_problems, config.task)
     seen = frozenset(heldout)

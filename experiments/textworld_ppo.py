@@ -253,7 +253,8 @@ def dev_accuracy(model, tokenizer, config: Config, dev) -> dict:
 
 
 def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module, float]:
-    """LoRA SFT on the gold paths of train seeds 0..N-1; returns the tuned model."""
+    """LoRA SFT on the expert paths (noisy with `sft_noise`) of train seeds 0..N-1; returns
+    the tuned model and its training seconds."""
     choice = config.sft_loss == "choice"
     episodes, gold = gold_episodes(tokenizer, config, "train", config.train_games, choice,
                                    config.sft_negatives if choice else None, config.sft_noise)

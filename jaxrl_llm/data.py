@@ -169,7 +169,8 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
         raise ValueError(f"game {row['seed']} has no expert action to learn from")
     if max_history is None:
         # A step that is not learned from has no branch: its history joins the next step's.
-        pieces = [[INSTRUCTION.format(row["task"]), OBSERVATION_BLOCK.format(0, row["observations"][0])]]
+        pieces = [[INSTRUCTION.format(row["task"]),
+                   OBSERVATION_BLOCK.format(0, row["observations"][0])]]
         pieces += [[ACTION_SUFFIX.format(action), OBSERVATION_BLOCK.format(s + 1, observation)]
                    for s, (action, observation) in enumerate(zip(row["actions"][:steps[-1]],
                                                                  row["observations"][1:]))]

@@ -70,6 +70,8 @@ def test_cli_errors():
         parse_args(["--algorithm", "rloo", "--rl-epochs", "4"])
     with pytest.raises(ValueError, match="max_terms .* must be >= min_terms"):
         parse_args(["--min-terms", "9", "--max-terms", "6"])
+    with pytest.raises(ValueError, match="--rm-kind must be one of"):
+        parse_args(["--rm-kind", "oracle"])
     with pytest.raises(ValueError, match="--rm-policy-fraction must be in"):
         parse_args(["--rm-policy-fraction", "1.5"])
     with pytest.raises(ValueError, match="max_terms must be <= 15"):

@@ -95,6 +95,8 @@ def test_cli_errors():
     for flag in ("--prompt-style", "--agent-mode", "--collect-mode", "--sft-loss"):
         with pytest.raises(ValueError, match=f"{flag} must be one of"):
             parse_args(["--preset", "smoke", flag, "chat"])
+    with pytest.raises(ValueError, match="--sft-noise must be in"):
+        parse_args(["--preset", "smoke", "--sft-noise", "1.0"])
     with pytest.raises(ValueError, match="--quantize must be one of"):
         parse_args(["--quantize", "int4"])
     with pytest.raises(ValueError, match="--seed must be >= 0"):
