@@ -12,9 +12,9 @@ Loss aggregation, the `reduction` argument of every loss (papers disagree):
   "seq_sum_norm"         each sequence's token sum / `norm_constant`, then mean over sequences
                          (Dr. GRPO, Liu et al. 2025: norm_constant = the generation budget);
   "sum"                  the plain masked sum (divide by your own global count).
-With `return_sum_count=True` a loss returns `(sum, count)` (`ppo_policy_loss`: in `.loss`) with
-loss = sum / count: add both over micro-batches and accumulation steps, then divide, to get the
-true full-batch mean.
+With `return_sum_count=True` a loss returns `(sum, count)` (`ppo_policy_loss`: in `.loss`, and
+its stats as pairs too) with loss = sum / count: add both over micro-batches and accumulation
+steps, then divide, to get the true full-batch mean.
 
 A PPO step, token level:
   advantages, returns = gae(rewards, values, next_step_values(values, mask),
@@ -268,13 +268,49 @@ def gae(rewards: chex.Array, values: chex.Array, next_values: chex.Array,
 
 
 class PolicyLoss(NamedTuple):
-    """`ppo_policy_loss` output; stats are token means over valid positions, no gradient."""
+    """`ppo_policy_loss` output: the loss and `ratio_stats` of its ratios (no gradient)."""
     loss: chex.Array  # scalar, or (sum, count) with return_sum_count
     clip_fraction: chex.Array  # fraction with |r - 1| > clip_eps (cleanrl's clipfrac)
     approx_kl_k1: chex.Array  # mean of -log r: k1 of KL(old || new) on samples of old
     approx_kl_k3: chex.Array  # mean of (r - 1) - log r: k3 of KL(old || new), >= 0
     ratio_mean: chex.Array
     ratio_max: chex.Array  # 0 for an all-zero mask
+
+
+class RatioStats(NamedTuple):
+    """`ratio_stats` output: token means, or `(sum, count)` pairs with return_sum_count."""
+    clip_fraction: chex.Array
+    approx_kl_k1: chex.Array
+    approx_kl_k3: chex.Array
+    ratio_mean: chex.Array
+    ratio_max: chex.Array  # always a scalar; 0 for an all-zero mask
+
+
+def ratio_stats(logprobs: chex.Array, old_logprobs: chex.Array, mask: chex.Array,
+                clip_eps: float = 0.2, return_sum_count: bool = False) -> RatioStats:
+    """Diagnostics of the importance ratio r = exp(logprobs - old_logprobs), without gradient:
+    the clipped fraction (|r - 1| > clip_eps), k1 and k3 of KL(old || new) and the ratio's mean
+    and max over valid positions.
+
+    Args:
+      logprobs, old_logprobs, mask: `[B, T]` (or `[B]` per action).
+      clip_eps: the clip whose fraction is counted.
+      return_sum_count: each mean as `(masked sum, masked count)`, so that means over several
+        micro-batches are exact (`train.step.Trainer` divides summed pairs).
+    """
+    logprobs, old_logprobs, mask = _as_batch_time(logprobs, old_logprobs, mask)
+    mask, logprobs, old_logprobs = _valid_f32(mask, logprobs, old_logprobs)
+    log_ratio = jax.lax.stop_gradient(logprobs - old_logprobs)
+    ratio = jnp.exp(log_ratio)
+    count = jnp.sum(mask)
+    reduce = lambda x: ((masked_sum(x, mask), count) if return_sum_count
+                        else masked_mean(x, mask))
+    return RatioStats(
+        clip_fraction=reduce((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)),
+        approx_kl_k1=reduce(-log_ratio),
+        approx_kl_k3=reduce(jnp.expm1(log_ratio) - log_ratio),
+        ratio_mean=reduce(ratio),
+        ratio_max=jnp.max(jnp.where(mask > 0, ratio, 0.0)))
 
 
 def ppo_policy_loss(logprobs: chex.Array, old_logprobs: chex.Array, advantages: chex.Array,
@@ -295,8 +331,10 @@ def ppo_policy_loss(logprobs: chex.Array, old_logprobs: chex.Array, advantages: 
       advantages: same shape (no gradient).
       mask: same shape.
       clip_eps: epsilon > 0 of the clip; dual_clip: c > 1, or None.
-      reduction, norm_constant, return_sum_count: see `aggregate_loss`.
-    Returns: `PolicyLoss`: the loss and float32 scalar stats.
+      reduction, norm_constant: see `aggregate_loss`.
+      return_sum_count: the loss as `aggregate_loss`'s `(sum, count)` and the stats as
+        `ratio_stats`'s pairs.
+    Returns: `PolicyLoss`: the loss and float32 stats (`ratio_stats`).
 
     Example (ratio 2 with A = 1 is clipped to 1.2; ratio 1 with A = -1 is not clipped):
       >>> import jax.numpy as jnp
@@ -322,14 +360,8 @@ def ppo_policy_loss(logprobs: chex.Array, old_logprobs: chex.Array, advantages: 
     if dual_clip is not None:
         per_token = jnp.where(advantages < 0, jnp.minimum(per_token, -dual_clip * advantages),
                               per_token)
-    log_ratio, ratio = jax.lax.stop_gradient(log_ratio), jax.lax.stop_gradient(ratio)
-    return PolicyLoss(
-        loss=aggregate_loss(per_token, mask, reduction, norm_constant, return_sum_count),
-        clip_fraction=masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), mask),
-        approx_kl_k1=masked_mean(-log_ratio, mask),
-        approx_kl_k3=masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
-        ratio_mean=masked_mean(ratio, mask),
-        ratio_max=jnp.max(jnp.where(mask > 0, ratio, 0.0)))
+    return PolicyLoss(aggregate_loss(per_token, mask, reduction, norm_constant, return_sum_count),
+                      *ratio_stats(logprobs, old_logprobs, mask, clip_eps, return_sum_count))
 
 
 def ppo_value_loss(values: chex.Array, old_values: chex.Array, returns: chex.Array,

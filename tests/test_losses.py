@@ -303,6 +303,23 @@ def test_ppo_policy_loss_value_and_stats_match_numpy(reduction, norm_constant, d
     np.testing.assert_allclose(float(out.ratio_max), ratio.max(), rtol=1e-5)
 
 
+def test_ratio_stat_pairs_summed_over_micro_batches_are_the_full_batch_means():
+    rng = np.random.default_rng(12)
+    logprobs, old, _, mask = random_ppo_batch(rng)
+    full = losses.ratio_stats(logprobs, old, mask, clip_eps=0.2)
+    halves = [losses.ratio_stats(logprobs[rows], old[rows], mask[rows], clip_eps=0.2,
+                                 return_sum_count=True)
+              for rows in (slice(0, 2), slice(2, None))]  # micro-batches of unequal counts
+    for name in ("clip_fraction", "approx_kl_k1", "approx_kl_k3", "ratio_mean"):
+        total = sum(float(getattr(h, name)[0]) for h in halves)
+        count = sum(float(getattr(h, name)[1]) for h in halves)
+        np.testing.assert_allclose(total / count, float(getattr(full, name)), rtol=1e-5)
+    assert sum(float(h.clip_fraction[1]) for h in halves) == mask.sum()
+    paired = losses.ppo_policy_loss(logprobs, old, np.ones_like(old), mask, return_sum_count=True)
+    np.testing.assert_allclose(paired.clip_fraction[0] / paired.clip_fraction[1],
+                               full.clip_fraction, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 def test_ppo_gradient_matches_numpy_and_is_zero_exactly_where_clipped(dual_clip):
     rng = np.random.default_rng(10)

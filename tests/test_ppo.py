@@ -70,8 +70,9 @@ def test_update_recomputes_the_collected_policy_exactly(rollout):
                                atol=1e-4)
     _, count, metrics = ppo_loss(actor_critic, batch, CONFIG)
     assert float(count) == len(transitions)
-    assert float(metrics["approx_kl"]) == pytest.approx(0.0, abs=1e-6)
-    assert float(metrics["clip_fraction"]) == 0.0
+    assert float(metrics["approx_kl"][0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["clip_fraction"][0]) == 0.0
+    assert float(metrics["clip_fraction"][1]) == len(transitions)
     assert float(metrics["kl_ref"]) == pytest.approx(0.0, abs=1e-5)  # reference == policy
 
 

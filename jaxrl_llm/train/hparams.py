@@ -1,8 +1,12 @@
-"""The clipped-PPO hyperparameters shared by both PPO trainers (step level and prompt level)."""
+"""What both PPO trainers (step level and prompt level) share: the clipped-PPO hyperparameters
+and the shuffled minibatch order."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax
+import numpy as np
 
 from jaxrl_llm.checks import require_at_least_one, require_micro_batches
 
@@ -47,3 +51,10 @@ class PPOHyperparams:
             raise ValueError(f"{name}.value_clip, vf_coef, kl_coef and entropy_coef must be >= 0")
         require_at_least_one(self, ("epochs", "minibatch_size", "micro_batch_size"))
         require_micro_batches(self, "minibatch_size")
+
+
+def minibatch_rows(n: int, minibatch_size: int, key: jax.Array) -> list[np.ndarray]:
+    """A permutation of the rows `0..n-1` drawn with `key` (the shuffle is part of the run's
+    checkpointed randomness), cut into minibatches of `minibatch_size` (the last may be short)."""
+    order = np.asarray(jax.random.permutation(key, n))
+    return [order[i:i + minibatch_size] for i in range(0, n, minibatch_size)]

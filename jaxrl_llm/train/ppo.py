@@ -31,7 +31,7 @@ import numpy as np
 from jaxrl_llm import losses
 from jaxrl_llm.packing import PackedEpisode, collate, pack_episode, packed_forward, widths
 from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
-from jaxrl_llm.train.hparams import PPOHyperparams
+from jaxrl_llm.train.hparams import PPOHyperparams, minibatch_rows
 
 POLICIES = ("action", "sequence")
 
@@ -92,31 +92,30 @@ def step_logprobs(out, batch, config: PPOConfig):
 def ppo_loss(actor_critic, batch, config: PPOConfig, remat: bool = False):
     """Clipped policy + clipped value (+ KL-in-loss, - entropy) loss summed over steps.
 
-    Returns `(loss_sum, step_count, metric_sums)` for `train.step.Trainer`; padded steps
-    (weight 0) count for nothing.
+    Returns `(loss_sum, step_count, metrics)` for `train.step.Trainer`: sums over the steps,
+    clip_fraction and approx_kl as `(sum, count)` pairs; padded steps (weight 0) count for
+    nothing.
     """
     out = packed_forward(actor_critic.lm, batch, remat=remat)
     logprob, entropy, logpi = step_logprobs(out, batch, config)
     value = actor_critic.value_head(out.decision_hidden)
     weight = batch["weight"]
     policy = losses.ppo_policy_loss(logprob, batch["old_logprob"], batch["advantage"], weight,
-                                    clip_eps=config.clip_eps, reduction="sum")
-    value_loss = losses.ppo_value_loss(value, batch["old_value"], batch["return"], weight,
-                                       clip=config.value_clip or None, reduction="sum")
+                                    clip_eps=config.clip_eps, return_sum_count=True)
+    policy_loss, count = policy.loss  # count: the real steps of the micro-batch
+    value_loss, _ = losses.ppo_value_loss(value, batch["old_value"], batch["return"], weight,
+                                          clip=config.value_clip or None, return_sum_count=True)
     if logpi is None:
         kl = losses.kl_k3(logprob, batch["ref_logprob"])
     else:
         kl = categorical_kl(logpi, batch["ref_logpi"], batch["leaf_lengths"] > 0)
     total = lambda x: jnp.sum(x * weight)
-    loss = policy.loss + config.vf_coef * value_loss - config.entropy_coef * total(entropy)
+    loss = policy_loss + config.vf_coef * value_loss - config.entropy_coef * total(entropy)
     if config.kl_in == "loss":
         loss = loss + config.kl_coef * total(kl)
-    # Per-minibatch means are reported as sums here and divided by the count in `Trainer`.
-    count = jnp.sum(weight)
-    metrics = dict(loss=loss, policy_loss=policy.loss, value_loss=value_loss,
+    metrics = dict(loss=loss, policy_loss=policy_loss, value_loss=value_loss,
                    entropy=total(entropy), kl_ref=total(kl),
-                   clip_fraction=policy.clip_fraction * count,
-                   approx_kl=policy.approx_kl_k3 * count)
+                   clip_fraction=policy.clip_fraction, approx_kl=policy.approx_kl_k3)
     return loss, count, metrics
 
 
@@ -278,11 +277,9 @@ def collate_steps(rollout: PackedRollout, rows: Sequence[int], pad_id: int = 0
 
 
 def minibatches(rollout: PackedRollout, config: PPOConfig, key: jax.Array, pad_id: int = 0):
-    """Shuffled minibatches of `minibatch_size` packed sequences (a JAX key: the shuffle is part
-    of the run's checkpointed randomness), each a list of collated micro-batches. A last short
-    minibatch has fewer micro-batches; the loss is a step mean either way."""
-    order = np.asarray(jax.random.permutation(key, len(rollout.episodes)))
-    for start in range(0, len(order), config.minibatch_size):
-        rows = order[start:start + config.minibatch_size]
+    """Shuffled minibatches of `minibatch_size` packed sequences (`hparams.minibatch_rows`),
+    each a list of collated micro-batches. A last short minibatch has fewer micro-batches; the
+    loss is a step mean either way."""
+    for rows in minibatch_rows(len(rollout.episodes), config.minibatch_size, key):
         yield [collate_steps(rollout, rows[i:i + config.micro_batch_size], pad_id)
                for i in range(0, len(rows), config.micro_batch_size)]

@@ -41,7 +41,7 @@ from jaxrl_llm.model.lora import TRAINABLE
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.padding import pad_left
 from jaxrl_llm.sampling import SamplingConfig
-from jaxrl_llm.train.hparams import PPOHyperparams
+from jaxrl_llm.train.hparams import PPOHyperparams, minibatch_rows
 from jaxrl_llm.train.step import Trainer, TrainState
 
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "dr_grpo")
@@ -352,26 +352,20 @@ def prompt_rl_loss(model: nnx.Module, batch, config: PromptRLConfig):
         loss, metrics["kl_loss"] = loss + batch["kl_coef"][0] * kl_loss, kl_loss
     if config.entropy_coef:
         loss = loss - config.entropy_coef * losses.aggregate_loss(entropy, mask, **reduce)[0]
-    log_ratio = jax.lax.stop_gradient(logprobs - batch["old_logprobs"])
-    ratio_minus_one = jnp.expm1(log_ratio)
-    token_sums = dict(entropy=jax.lax.stop_gradient(entropy),
-                      clip_fraction=(jnp.abs(ratio_minus_one) > config.clip_eps).astype(
-                          jnp.float32),
-                      approx_kl=ratio_minus_one - log_ratio)  # k3 of KL(old || new)
+    ratios = losses.ratio_stats(logprobs, batch["old_logprobs"], mask, config.clip_eps,
+                                return_sum_count=True)
     tokens = jnp.sum(mask.astype(jnp.float32))
-    metrics.update({k: (losses.masked_sum(v, mask), tokens) for k, v in token_sums.items()},
-                   loss=loss)
+    metrics.update(entropy=(losses.masked_sum(jax.lax.stop_gradient(entropy), mask), tokens),
+                   clip_fraction=ratios.clip_fraction, approx_kl=ratios.approx_kl_k3, loss=loss)
     return loss, count, metrics
 
 
 def minibatches(arrays: dict[str, np.ndarray], config: PromptRLConfig, key: jax.Array
                 ) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled minibatches, leaves `[M, micro_batch_size, ...]`; the last one filled up with
-    rows whose response mask is all False (they count for nothing)."""
-    n, size = len(arrays["prompt"]), config.minibatch_size
-    order = np.asarray(jax.random.permutation(key, n))
-    for start in range(0, n, size):
-        rows = order[start:start + size]
+    """Shuffled minibatches (`hparams.minibatch_rows`), leaves `[M, micro_batch_size, ...]`; the
+    last one filled up with rows whose response mask is all False (they count for nothing)."""
+    size = config.minibatch_size
+    for rows in minibatch_rows(len(arrays["prompt"]), size, key):
         short = size - len(rows)
         batch = {k: v[np.concatenate([rows, rows[:1].repeat(short)])] for k, v in arrays.items()}
         if short:
