@@ -86,6 +86,9 @@ class Config:
     sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
     sft_learning_rate: float = 3e-4  # AdamW peak learning rate (warmup, then linear decay)
+    # SFT steps between resumable checkpoints (and one after each epoch's dev evaluation): a
+    # killed SFT resumes from the last one, exactly. 0: only at epoch ends.
+    sft_checkpoint_every: int = 8
     # Recompute activations in the backward pass: a third more compute, far less memory. The
     # attention activations of a packed game grow with the square of its tokens, and the
     # longest noisy SFT games (~2.5k tokens) or PPO games with every valid action as a
@@ -128,8 +131,9 @@ class Config:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.sft_noise < 1.0:
             raise ValueError(f"--sft-noise must be in [0, 1), got {self.sft_noise}")
-        if self.sft_negatives < 0:
-            raise ValueError(f"--sft-negatives must be >= 0, got {self.sft_negatives}")
+        if self.sft_negatives < 0 or self.sft_checkpoint_every < 0:
+            raise ValueError(f"--sft-negatives and --sft-checkpoint-every must be >= 0, got "
+                             f"{self.sft_negatives} and {self.sft_checkpoint_every}")
         if self.dev_games < 0 or self.ppo_iterations < 0:
             raise ValueError(f"--dev-games and --ppo-iterations must be >= 0, got "
                              f"{self.dev_games} and {self.ppo_iterations}")
@@ -272,39 +276,59 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
             if choice else functools.partial(packed_completion_loss, remat=sft_config.remat))
     trainer = Trainer(model, optimizer, loss, mesh=mesh)
     state = trainer.init()
-    checkpoints = checkpointer(config, "sft")
-    restored = checkpoints.restore(state, jax.random.key(0), fingerprint(model))
+    checkpoints, fp = checkpointer(config, "sft"), fingerprint(model)
+    restored = checkpoints.restore(state, jax.random.key(0), fp)
     if restored:  # a resumed run: the warm start (and KL anchor) is the saved one
         print(f"loaded the SFT adapters from {checkpoints.directory}")
         return trainer.model(restored[0]), restored[2]["seconds"]
-    run.rewind(lambda r: r["stage"] in ("sft", "sft_dev"))  # a killed SFT starts over
-    start = time.time()
+    # A killed SFT resumes from its last progress checkpoint: the batch order is a function of
+    # (seed, epoch), so skipping the batches it had trained on replays the same run.
+    progress, done, elapsed = checkpointer(config, "sft_progress"), 0, 0.0
+    resumed = progress.restore(state, jax.random.key(0), fp)
+    if resumed:
+        state, _, record = resumed
+        done, elapsed = record["batches"], record["seconds"]
+        print(f"resumed SFT after step {done} ({progress.directory})")
+    run.rewind(lambda r: r["stage"] in ("sft", "sft_dev") and r["step"] > done)
+    start = time.time() - elapsed
+
+    def save(state, batches):
+        progress.save(state, jax.random.key(0), dict(fingerprint=fp, batches=batches,
+                                                     seconds=time.time() - start))
+
     tokens = sum(e.num_tokens for e in episodes)
     print(f"SFT ({config.sft_loss} loss) on {len(episodes)} sequences ({tokens} tokens, "
           f"{sum(len(e.targets) for e in episodes)} action tokens)", flush=True)
-    bar = tqdm(total=steps_per_epoch * config.sft_epochs, desc="SFT", unit="step")
-    guard = NonFiniteGuard()
+    bar = tqdm(total=steps_per_epoch * config.sft_epochs, initial=done, desc="SFT", unit="step")
+    guard, every, batches = NonFiniteGuard(), config.sft_checkpoint_every, 0
     for epoch in range(config.sft_epochs):
         for batch in episode_batches(episodes, sft_config, epoch, pad_id=tokenizer.eos_token_id,
                                      gold=gold if choice else None):
+            batches += 1
+            if batches <= done:
+                continue
             state, metrics = trainer.step(state, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
-            guard(metrics, f"SFT step {int(state.step)}")
+            guard(metrics, f"SFT step {batches}")
             bar.update()
             accuracy = metrics["choice_accuracy" if choice else "token_accuracy"]
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{accuracy:.2f}")
-            run.log(dict(stage="sft", epoch=epoch, step=int(state.step), **metrics,
+            run.log(dict(stage="sft", epoch=epoch, step=batches, **metrics,
                      wall_time=time.time() - start))
+            if every and batches % every == 0 and batches % steps_per_epoch:
+                save(state, batches)
+        if batches <= done:  # this epoch's dev evaluation ran before the checkpoint
+            continue
         if dev:
             accuracy = dev_accuracy(trainer.model(state), tokenizer, config, dev)
             bar.write(f"epoch {epoch + 1}: dev gold-action accuracy "
                       f"{accuracy['action_accuracy']:.3f} over {accuracy['steps']} steps")
-            run.log(dict(stage="sft_dev", epoch=epoch, step=int(state.step), **accuracy,
+            run.log(dict(stage="sft_dev", epoch=epoch, step=batches, **accuracy,
                      wall_time=time.time() - start))
+        save(state, batches)
     bar.close()
     seconds = time.time() - start
-    checkpoints.save(state, jax.random.key(0), dict(fingerprint=fingerprint(model),
-                                                    seconds=seconds))
+    checkpoints.save(state, jax.random.key(0), dict(fingerprint=fp, seconds=seconds))
     return trainer.model(state), seconds
 
 

@@ -85,6 +85,35 @@ def test_smoke_run_killed_and_resumed_equals_the_run_that_never_stopped(tmp_path
     assert dev and 0 <= dev[-1]["action_accuracy"] <= 1 and dev[-1]["steps"] > 0
 
 
+def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+    # 2 games x ~20 steps in batches of 4: ~10 SFT steps an epoch, a checkpoint every 3.
+    flags = dict(ppo_iterations=0, zero_shot_eval=False, sft_epochs=2, sft_checkpoint_every=3)
+    unbroken_dir, run_dir = str(tmp_path / "unbroken"), str(tmp_path / "run")
+    main(Config.preset("smoke", run_dir=unbroken_dir, **flags))
+    step, calls = textworld_ppo.Trainer.step, []
+
+    def killed_at_step_five(self, state, batch):
+        calls.append(None)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return step(self, state, batch)
+
+    monkeypatch.setattr(textworld_ppo.Trainer, "step", killed_at_step_five)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(Config.preset("smoke", run_dir=run_dir, **flags))
+    monkeypatch.undo()
+    assert [r["step"] for r in _records(run_dir)] == [1, 2, 3, 4]
+    resumed = main(Config.preset("smoke", run_dir=run_dir, **flags))
+    records = _records(run_dir)
+    sft_steps = [r["step"] for r in records if r["stage"] == "sft"]
+    assert sft_steps == list(range(1, len(sft_steps) + 1)) and len(sft_steps) > 10
+    # Step 4, logged after the checkpoint at 3, was rewound and trained again: the same numbers.
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rs]
+    assert strip(records) == strip(_records(unbroken_dir))
+    with open(os.path.join(unbroken_dir, "eval.json")) as f:
+        assert json.load(f)["sft"] == resumed["sft"]
+
+
 def test_cli_errors():
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tpu"])
@@ -118,7 +147,8 @@ def test_cli_errors():
                             "multiple of micro_batch_size"),
                            (["--ppo-epochs", "0"], "epochs must be >= 1"),
                            (["--kl-coef", "-1"], "kl_coef"),
-                           (["--sft-negatives", "-1"], "--sft-negatives must be >= 0")):
+                           (["--sft-negatives", "-1"], "--sft-negatives .* must be >= 0"),
+                           (["--sft-checkpoint-every", "-1"], "--sft-checkpoint-every must")):
         with pytest.raises(ValueError, match=message):
             parse_args(flags)
     with pytest.raises(ValueError, match="--collect-mode generate needs --temperature 1"):
