@@ -12,12 +12,17 @@ Stages (paper order, Ouyang et al. 2022):
      log-prob of the response (`--rm-kind likelihood`) or through a scalar head (`value`),
      trained with the Bradley-Terry loss on (correct, wrong) continuations, the wrong ones
      sampled from the SFT policy or synthetic corruptions; held-out accuracy;
-  3. PPO (`train.prompt_rl`) against the learned reward, KL to the frozen SFT model, logging
-     the program's verdict on the same samples beside the reward it optimises;
+  3. RL (`train.prompt_rl`: PPO by default) against the learned reward, KL to the frozen SFT
+     model, logging the program's verdict on the same samples beside the reward it optimises;
+     one arm per (algorithm, KL coefficient) of `--algorithms` x `--kl-coefs`, each from the
+     same SFT policy and reward model, on the same prompts;
   4. the exact-correctness rate of continuations (checked by a program, not by the reward
-     model) on held-out problems, greedy and sampled, before and after PPO, with 95% intervals.
+     model) on held-out problems, greedy and sampled, before and after RL, with 95% intervals.
 The task itself (problems, tokenizer, checker, corruptions) is `experiments.arithmetic_task`.
-Outputs go to `--run-dir`: config.json, metrics.jsonl, curves.png, results.json.
+Outputs go to `--run-dir`: config.json, metrics.jsonl (SFT and reward model), curves.png (the
+reward model's training), results.json,
+and per arm `<algorithm>_kl<coef>/` (metrics.jsonl, curves.png); with several arms also
+comparison.png and overoptimisation.png (proxy and true reward against the KL to SFT).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from jaxrl_llm import reward_model as rm
 from jaxrl_llm.checks import require_at_least_one
 from jaxrl_llm.evaluation import wilson_interval
 from jaxrl_llm.generation import generate
-from jaxrl_llm.metrics import RunDir
+from jaxrl_llm.metrics import RunDir, plot_curves, read_jsonl
 from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.padding import bucket_length, pad_left
 from jaxrl_llm.sampling import SamplingConfig
@@ -80,14 +85,15 @@ class Config:
     rm_learning_rate: float = 1e-3  # AdamW peak of the reward model
     heldout_problems: int = 256  # never trained on: RM held-out pairs and the evaluation
     reward: str = "model"  # "model": the learned reward model (RLHF); "exact": the checker
-    algorithm: str = "ppo"  # any of train.prompt_rl.ALGORITHMS
+    algorithms: tuple[str, ...] = ("ppo",)  # of train.prompt_rl.ALGORITHMS, one arm each
     rl_iterations: int = 40  # collect + update rounds
     rl_prompts: int = 16  # prompts per iteration
     num_samples: int = 4  # responses per prompt
     rl_epochs: int = 4  # the notebook's PPO iterations per batch
     rl_minibatch_size: int = 32  # responses per RL update
     rl_learning_rate: float = 3e-5  # Adam step size of the RL updates
-    kl_coef: float = 0.3  # weight of the KL to the frozen SFT policy (notebook: 0.01)
+    # Weights of the KL to the frozen SFT policy (notebook: 0.01), one arm each.
+    kl_coefs: tuple[float, ...] = (0.3,)
     eval_every: int = 10  # RL iterations between held-out evaluations
     seed: int = 0  # problems, weights, sampling
     run_dir: str = "runs/arithmetic_rlhf"  # outputs
@@ -107,19 +113,25 @@ class Config:
         if not 0.0 <= self.rm_policy_fraction <= 1.0:
             raise ValueError(f"--rm-policy-fraction must be in [0, 1], got "
                              f"{self.rm_policy_fraction}")
-        self.rl_config()
+        if not self.algorithms or not self.kl_coefs:
+            raise ValueError("--algorithms and --kl-coefs each need at least one value")
+        for arm in self.arms():  # their errors, before any training
+            self.rl_config(*arm)
+
+    def arms(self) -> list[tuple[str, float]]:
+        return [(a, k) for a in self.algorithms for k in self.kl_coefs]
 
     @property
     def task(self) -> Task:
         return Task(self.max_value, self.max_difference, self.min_terms, self.max_terms)
 
-    def rl_config(self) -> prompt_rl.PromptRLConfig:
+    def rl_config(self, algorithm: str, kl_coef: float) -> prompt_rl.PromptRLConfig:
         return prompt_rl.PromptRLConfig(
-            algorithm=self.algorithm, num_samples=self.num_samples, epochs=self.rl_epochs,
+            algorithm=algorithm, num_samples=self.num_samples, epochs=self.rl_epochs,
             sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, eos_ids=(EOS_ID,),
                                     pad_id=PAD_ID),
             minibatch_size=self.rl_minibatch_size, micro_batch_size=self.rl_minibatch_size,
-            kl_coef=self.kl_coef)
+            kl_coef=kl_coef)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Config":
@@ -241,26 +253,30 @@ def evaluate(lm, tokenizer, problems, config: Config, key) -> dict:
     return results
 
 
+def arm_name(algorithm: str, kl_coef: float) -> str:
+    return f"{algorithm}_kl{kl_coef:g}"
+
+
 def rlhf(policy, tokenizer, reward_fn, true_reward_fn, train_problems, heldout, config: Config,
-         key, rng, log):
-    """RL iterations (PPO by default) from the SFT policy, KL to it; returns the tuned LM.
+         algorithm: str, kl_coef: float, key, rng, log):
+    """RL iterations of `algorithm` from (a copy of) the SFT policy, KL to it; returns the
+    tuned LM.
 
     Each iteration logs the optimised (proxy) reward and the program's verdict on the same
     samples (`true_reward_mean`): where they part is where the proxy is over-optimised.
     """
-    rl_config = config.rl_config()
-    trainer = prompt_rl.make_trainer(policy, rl_config, make_optimizer(OptimConfig(
+    rl_config = config.rl_config(algorithm, kl_coef)
+    trainer = prompt_rl.make_trainer(nnx.clone(policy), rl_config, make_optimizer(OptimConfig(
         learning_rate=config.rl_learning_rate, weight_decay=0.0)), trainable=nnx.Param)
     state = trainer.init()
     reference = trainer.model(trainer.init())  # the frozen SFT policy: the KL anchor
-    kl_coef = rl_config.kl_coef
     truth = []
 
     def rewarded(prompts, responses):
         truth.append(float(np.mean(true_reward_fn(prompts, responses))))
         return reward_fn(prompts, responses)
 
-    bar = tqdm(range(config.rl_iterations), desc=config.algorithm.upper(), unit="iter")
+    bar = tqdm(range(config.rl_iterations), desc=arm_name(algorithm, kl_coef), unit="iter")
     for it in bar:
         start = time.time()
         key, step_key, eval_key = jax.random.split(key, 3)
@@ -281,8 +297,8 @@ def rlhf(policy, tokenizer, reward_fn, true_reward_fn, train_problems, heldout, 
 
 
 def main(config: Config) -> dict:
-    run = RunDir(config.run_dir, config, stage="rl", x="iteration", keys=CURVES,
-                 title=f"Arithmetic RLHF ({config.algorithm})", tensorboard=config.tensorboard)
+    run = RunDir(config.run_dir, config, stage="rm", x="step", keys=("loss", "accuracy"),
+                 title="Arithmetic RLHF: reward model", tensorboard=config.tensorboard)
     log = run.log
 
     rng = np.random.default_rng(config.seed)
@@ -303,24 +319,46 @@ def main(config: Config) -> dict:
         config, rng, rm_key, log, width)
     results.update(reward_model_accuracy=accuracy, reward_model_accuracy_untrained=untrained,
                    rm_seconds=time.time() - start)
+    run.close()
     train_problems = sample_problems(rng, 4096, config.task, seen)
     answers = {tuple(prompt_ids(tokenizer, p, t)): answer_ids(tokenizer, p, config.max_value)
                for p in train_problems for t in range(len(TEMPLATES))}
     exact = exact_reward_fn(answers)
     reward_fn = (rm.reward_fn(reward_model, width, PAD_ID, config.rm_kind)
                  if config.reward == "model" else exact)
-    start = time.time()
-    policy = rlhf(policy, tokenizer, reward_fn, exact, train_problems, heldout, config, rl_key,
-                  rng, log)
-    results["rl_seconds"] = time.time() - start
-    results["rl"] = evaluate(policy, tokenizer, heldout, config, eval_key)
+    as_list = lambda r: [r["rate"], r["low"], r["high"]]
     for name in ("greedy", "sampled"):
-        for when, policy_name in (("before", "sft"), ("after", "rl")):
-            r = results[policy_name][f"exact_{name}"]
-            results[f"{name}_exact_{when}"] = [r["rate"], r["low"], r["high"]]
-    with open(os.path.join(config.run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    run.close()
+        results[f"{name}_exact_before"] = as_list(results["sft"][f"exact_{name}"])
+    results["arms"], curves = {}, {}
+    for algorithm, kl_coef in config.arms():
+        name = arm_name(algorithm, kl_coef)
+        arm_run = RunDir(os.path.join(config.run_dir, name), config, stage="rl", x="iteration",
+                         keys=CURVES, title=f"Arithmetic RLHF ({name})",
+                         tensorboard=config.tensorboard)
+        start = time.time()
+        # Every arm sees the same prompts and keys: they differ by their settings alone.
+        tuned = rlhf(policy, tokenizer, reward_fn, exact, train_problems, heldout, config,
+                     algorithm, kl_coef, rl_key, np.random.default_rng((config.seed, 1)),
+                     arm_run.log)
+        arm = dict(algorithm=algorithm, kl_coef=kl_coef, rl_seconds=time.time() - start,
+                   rl=evaluate(tuned, tokenizer, heldout, config, eval_key))
+        for metric in ("greedy", "sampled"):
+            arm[f"{metric}_exact_after"] = as_list(arm["rl"][f"exact_{metric}"])
+        arm_run.close()
+        results["arms"][name] = arm
+        curves[name] = read_jsonl(arm_run.metrics_path)
+        if len(config.arms()) > 1:
+            plot_curves(curves, os.path.join(config.run_dir, "comparison.png"), stage="rl",
+                        x="iteration", keys=CURVES, title="Arithmetic RLHF: arms")
+            plot_curves(curves, os.path.join(config.run_dir, "overoptimisation.png"),
+                        stage="rl", x="kl_ref", keys=("reward_mean", "true_reward_mean"),
+                        title="proxy (reward model) and true (program) reward vs KL to SFT")
+        first = results["arms"][arm_name(*config.arms()[0])]
+        results.update(rl=first["rl"], rl_seconds=first["rl_seconds"],
+                       greedy_exact_after=first["greedy_exact_after"],
+                       sampled_exact_after=first["sampled_exact_after"])
+        with open(os.path.join(config.run_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     print_summary(results, config)
     return results
 
@@ -329,14 +367,15 @@ def print_summary(results: dict, config: Config) -> None:
     print(f"\nreward model ({config.rm_kind}) held-out pair accuracy: "
           f"{results['reward_model_accuracy']:.3f} (before its training: "
           f"{results['reward_model_accuracy_untrained']:.3f})")
-    print(f"{'policy':<8} {'exact, greedy (95% CI)':>24} {'exact, sampled (95% CI)':>25}   "
+    print(f"{'policy':<16} {'exact, greedy (95% CI)':>24} {'exact, sampled (95% CI)':>25}   "
           f"({config.heldout_problems} held-out problems)")
     cell = lambda r: f"{r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
-    for policy in ("sft", "rl"):
-        r = results[policy]
-        print(f"{policy:<8} {cell(r['exact_greedy']):>24} {cell(r['exact_sampled']):>25}")
+    rows = [("sft", results["sft"])] + [(n, a["rl"]) for n, a in results["arms"].items()]
+    for name, r in rows:
+        print(f"{name:<16} {cell(r['exact_greedy']):>24} {cell(r['exact_sampled']):>25}")
+    arms = ", ".join(f"{n} {a['rl_seconds']:.0f} s" for n, a in results["arms"].items())
     print(f"SFT {results['sft_seconds']:.0f} s, reward model {results['rm_seconds']:.0f} s, "
-          f"{config.algorithm} {results['rl_seconds']:.0f} s; run dir {config.run_dir}")
+          f"{arms}; run dir {config.run_dir}")
 
 
 def parse_args(argv=None) -> Config:

@@ -27,28 +27,34 @@ def test_corruptions_are_wrong_and_in_vocabulary():
         assert tokenizer.encode(tokenizer.decode(wrong)) == wrong
 
 
-def test_smoke_run(tmp_path):
+def test_smoke_run_with_two_arms(tmp_path):
     run_dir = str(tmp_path / "run")
-    results = main(Config.preset("smoke", run_dir=run_dir))
-    for policy in ("sft", "rl"):
-        assert set(results[policy]) == {"exact_greedy", "exact_sampled"}
+    results = main(Config.preset("smoke", run_dir=run_dir, kl_coefs=(0.0, 0.3)))
+    assert set(results["arms"]) == {"ppo_kl0", "ppo_kl0.3"}
+    for policy in [results["sft"]] + [a["rl"] for a in results["arms"].values()]:
+        assert set(policy) == {"exact_greedy", "exact_sampled"}
         for name in ("exact_greedy", "exact_sampled"):
-            r = results[policy][name]
+            r = policy[name]
             assert r["low"] <= r["rate"] <= r["high"]
     assert 0 <= results["reward_model_accuracy"] <= 1
     saved = json.load(open(os.path.join(run_dir, "results.json")))
     for key in ("greedy_exact_before", "greedy_exact_after"):
         rate, low, high = saved[key]
         assert low <= rate <= high
-    for name in ("config.json", "metrics.jsonl", "results.json"):
-        assert os.path.exists(os.path.join(run_dir, name))
-    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    assert saved["greedy_exact_after"] == saved["arms"]["ppo_kl0"]["greedy_exact_after"]
+    for name in ("config.json", "metrics.jsonl", "results.json", "curves.png", "comparison.png",
+                 "overoptimisation.png", "ppo_kl0/curves.png", "ppo_kl0.3/metrics.jsonl"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert {r["stage"] for r in records} == {"sft", "rm", "rl"}
-    last = [r for r in records if r["stage"] == "rl"][-1]
+    assert {r["stage"] for r in records} == {"sft", "rm"}
+    arms = [[json.loads(line) for line in open(os.path.join(run_dir, arm, "metrics.jsonl"))]
+            for arm in ("ppo_kl0", "ppo_kl0.3")]
+    last = arms[0][-1]
     for key in ("reward_mean", "true_reward_mean", "kl_ref", "entropy", "clip_fraction", "value_loss",
                 "heldout_exact_sampled"):
         assert np.isfinite(last[key])
+    # Same prompts and keys: the arms' first collections (before any update) are identical.
+    assert arms[0][0]["reward_mean"] == arms[1][0]["reward_mean"]
 
 
 def test_exact_reward_is_the_programs_verdict():
@@ -67,7 +73,9 @@ def test_cli_errors():
     with pytest.raises(ValueError, match="--reward must be 'model' or 'exact'"):
         parse_args(["--preset", "smoke", "--reward", "human"])
     with pytest.raises(ValueError, match="epochs must be 1 for rloo"):  # before any training
-        parse_args(["--algorithm", "rloo", "--rl-epochs", "4"])
+        parse_args(["--algorithms", "ppo", "rloo", "--rl-epochs", "4"])
+    with pytest.raises(ValueError, match="--algorithms and --kl-coefs each need"):
+        Config(kl_coefs=())
     with pytest.raises(ValueError, match="max_terms .* must be >= min_terms"):
         parse_args(["--min-terms", "9", "--max-terms", "6"])
     with pytest.raises(ValueError, match="--rm-kind must be one of"):
