@@ -83,9 +83,9 @@ class Config:
     # recovers (DART): the policy learns the off-path states it will reach and the way back.
     sft_noise: float = 0.2
     sft_epochs: int = 1  # passes over the SFT games
-    sft_batch_size: int = 2  # games (packed) or steps (sliding history) per optimizer step
+    sft_batch_size: int = 1  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
-    sft_learning_rate: float = 3e-4  # AdamW peak learning rate (warmup, then linear decay)
+    sft_learning_rate: float = 5e-4  # AdamW peak learning rate (warmup, then linear decay)
     # SFT steps between resumable checkpoints (and one after each epoch's dev evaluation): a
     # killed SFT resumes from the last one, exactly. 0: only at epoch ends.
     sft_checkpoint_every: int = 8
