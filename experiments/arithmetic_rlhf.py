@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from experiments.arithmetic_task import (EOS_ID, MAX_NEW_TOKENS, PAD_ID, TEMPLATES, Task,
                                         WordTokenizer, answer_ids, corrupt,
                                         exact_reward_fn, prompt_ids, sample_problems)
-from experiments.common import parse_preset_config
+from experiments.common import arm_dir, arm_grid, parse_preset_config
 
 from jaxrl_llm import reward_model as rm
 from jaxrl_llm.checks import require_at_least_one
@@ -113,13 +113,11 @@ class Config:
         if not 0.0 <= self.rm_policy_fraction <= 1.0:
             raise ValueError(f"--rm-policy-fraction must be in [0, 1], got "
                              f"{self.rm_policy_fraction}")
-        if not self.algorithms or not self.kl_coefs:
-            raise ValueError("--algorithms and --kl-coefs each need at least one value")
         for arm in self.arms():  # their errors, before any training
             self.rl_config(*arm)
 
     def arms(self) -> list[tuple[str, float]]:
-        return [(a, k) for a in self.algorithms for k in self.kl_coefs]
+        return arm_grid(self.algorithms, self.kl_coefs)
 
     @property
     def task(self) -> Task:
@@ -253,10 +251,6 @@ def evaluate(lm, tokenizer, problems, config: Config, key) -> dict:
     return results
 
 
-def arm_name(algorithm: str, kl_coef: float) -> str:
-    return f"{algorithm}_kl{kl_coef:g}"
-
-
 def rlhf(policy, tokenizer, reward_fn, true_reward_fn, train_problems, heldout, config: Config,
          algorithm: str, kl_coef: float, key, rng, log):
     """RL iterations of `algorithm` from (a copy of) the SFT policy, KL to it; returns the
@@ -276,7 +270,7 @@ def rlhf(policy, tokenizer, reward_fn, true_reward_fn, train_problems, heldout, 
         truth.append(float(np.mean(true_reward_fn(prompts, responses))))
         return reward_fn(prompts, responses)
 
-    bar = tqdm(range(config.rl_iterations), desc=arm_name(algorithm, kl_coef), unit="iter")
+    bar = tqdm(range(config.rl_iterations), desc=arm_dir(algorithm, kl_coef), unit="iter")
     for it in bar:
         start = time.time()
         key, step_key, eval_key = jax.random.split(key, 3)
@@ -329,9 +323,9 @@ def main(config: Config) -> dict:
     as_list = lambda r: [r["rate"], r["low"], r["high"]]
     for name in ("greedy", "sampled"):
         results[f"{name}_exact_before"] = as_list(results["sft"][f"exact_{name}"])
-    results["arms"], curves = {}, {}
-    for algorithm, kl_coef in config.arms():
-        name = arm_name(algorithm, kl_coef)
+    results["arms"], curves, arms = {}, {}, config.arms()
+    for algorithm, kl_coef in arms:
+        name = arm_dir(algorithm, kl_coef)
         arm_run = RunDir(os.path.join(config.run_dir, name), config, stage="rl", x="iteration",
                          keys=CURVES, title=f"Arithmetic RLHF ({name})",
                          tensorboard=config.tensorboard)
@@ -347,13 +341,13 @@ def main(config: Config) -> dict:
         arm_run.close()
         results["arms"][name] = arm
         curves[name] = read_jsonl(arm_run.metrics_path)
-        if len(config.arms()) > 1:
+        if len(arms) > 1:
             plot_curves(curves, os.path.join(config.run_dir, "comparison.png"), stage="rl",
                         x="iteration", keys=CURVES, title="Arithmetic RLHF: arms")
             plot_curves(curves, os.path.join(config.run_dir, "overoptimisation.png"),
                         stage="rl", x="kl_ref", keys=("reward_mean", "true_reward_mean"),
                         title="proxy (reward model) and true (program) reward vs KL to SFT")
-        first = results["arms"][arm_name(*config.arms()[0])]
+        first = next(iter(results["arms"].values()))
         results.update(rl=first["rl"], rl_seconds=first["rl_seconds"],
                        greedy_exact_after=first["greedy_exact_after"],
                        sampled_exact_after=first["sampled_exact_after"])

@@ -78,6 +78,18 @@ def parse_preset_config(cls, presets, description: str, argv=None,
     return cls.preset(preset, **config_overrides(args))
 
 
+def arm_grid(algorithms, kl_coefs) -> list[tuple[str, float]]:
+    """Every (algorithm, KL coefficient) pair of `--algorithms` x `--kl-coefs`: one arm each."""
+    if not algorithms or not kl_coefs:
+        raise ValueError("--algorithms and --kl-coefs each need at least one value")
+    return [(a, k) for a in algorithms for k in kl_coefs]
+
+
+def arm_dir(algorithm: str, kl_coef: float) -> str:
+    """An arm's subdirectory of the run directory, e.g. `ppo_kl0.1`."""
+    return f"{algorithm}_kl{kl_coef:g}"
+
+
 def load_base(model_path: str | None, quantize: str | None, seed: int,
               tiny_max_seq_len: int = ModelConfig.tiny().max_seq_len):
     """(frozen base model, tokenizer): `model_path` None is the default SmolLM2 GGUF, "tiny" a

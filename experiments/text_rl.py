@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.common import config_overrides, config_parser, load_base
+from experiments.common import arm_dir, arm_grid, config_overrides, config_parser, load_base
 
 from jaxrl_llm import rewards
 from jaxrl_llm.checks import require_at_least_one
@@ -118,8 +118,6 @@ class Config:
                                     "lora_rank"), cli=True)
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if not self.algorithms or not self.kl_coefs:
-            raise ValueError("--algorithms and --kl-coefs each need at least one value")
         for arm in self.arms():  # their errors too, before loading anything
             self.rl_config(*arm)
         self.lora_config(), self.optim_config()
@@ -128,7 +126,7 @@ class Config:
                              f"{len(self.prompts())} (the task's prompts)")
 
     def arms(self) -> list[tuple[str, float]]:
-        return [(a, k) for a in self.algorithms for k in self.kl_coefs]
+        return arm_grid(self.algorithms, self.kl_coefs)
 
     def prompts(self) -> tuple[str, ...]:
         return REVIEW_PROMPTS if self.task == "sentiment" else CHAT_PROMPTS
@@ -238,7 +236,7 @@ def main(config: Config) -> list[dict]:
     reward_fn = rewards.text_reward_fn(tokenizer, reward, skip_ids=(tokenizer.eos_token_id,))
     results, curves = [], {}
     for algorithm, kl_coef in config.arms():
-        run_dir = os.path.join(config.run_dir, f"{algorithm}_kl{kl_coef:g}")
+        run_dir = os.path.join(config.run_dir, arm_dir(algorithm, kl_coef))
         results.append(train_arm(base, tokenizer, splits, reward_fn, algorithm, kl_coef, config,
                                  run_dir))
         with open(os.path.join(config.run_dir, "results.json"), "w") as f:
