@@ -113,6 +113,10 @@ class Config:
         if not 0.0 <= self.rm_policy_fraction <= 1.0:
             raise ValueError(f"--rm-policy-fraction must be in [0, 1], got "
                              f"{self.rm_policy_fraction}")
+        rates = (self.sft_learning_rate, self.rm_learning_rate, self.rl_learning_rate)
+        if min(rates) <= 0:
+            raise ValueError(f"--sft-learning-rate, --rm-learning-rate and --rl-learning-rate "
+                             f"must be > 0, got {', '.join(map(str, rates))}")
         for arm in self.arms():  # their errors, before any training
             self.rl_config(*arm)
 

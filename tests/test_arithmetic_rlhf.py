@@ -74,6 +74,9 @@ def test_cli_errors():
         parse_args(["--preset", "smoke", "--reward", "human"])
     with pytest.raises(ValueError, match="epochs must be 1 for rloo"):  # before any training
         parse_args(["--algorithms", "ppo", "rloo", "--rl-epochs", "4"])
+    with pytest.raises(ValueError, match="--sft-learning-rate, --rm-learning-rate and "
+                                         "--rl-learning-rate must be > 0"):
+        parse_args(["--rl-learning-rate", "0"])
     with pytest.raises(ValueError, match="--algorithms and --kl-coefs each need"):
         Config(kl_coefs=())
     with pytest.raises(ValueError, match="max_terms .* must be >= min_terms"):
