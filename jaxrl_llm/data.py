@@ -42,7 +42,7 @@ def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
                     cache_dir: str | None = None, progress: bool = True,
                     noise: float = 0.0, noise_seed: int = 0) -> datasets.Dataset:
     """One row per game: seed, task, observations `[S + 1]`, actions `[S]`, valid_actions `[S]`
-    (the valid actions of each step's state), trained `[S]` (the action is the expert's: a label
+    and inventories `[S]` (of each step's state), trained `[S]` (the action is the expert's: a label
     to learn), rewards `[S]`, success, done (the episode ended within the path).
 
     `noise=0` keeps the gold path. With `noise=p` (DART, Laskey et al. 2017) each step takes,
@@ -54,7 +54,7 @@ def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
         raise ValueError(f"noise must be in [0, 1), got {noise}")
     game = dataclasses.replace(game, step_limit=EXPERT_STEP_LIMIT)
     path = _cache_path(cache_dir, "episodes", [dataclasses.asdict(game), list(map(int, seeds)),
-                                               fold, noise, noise_seed, "trained"])
+                                               fold, noise, noise_seed, "trained", "inventory"])
     if path and os.path.isdir(path):
         return datasets.load_from_disk(path)
     rows, rejected, steps = [], 0, 0
@@ -63,9 +63,10 @@ def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
             (episode,) = batch.reset([int(seed)], fold, gold=True)
             plan = batch.gold_actions(0)
             rng = np.random.default_rng((noise_seed, int(seed)))
-            valid, trained = [], []
+            valid, inventories, trained = [], [], []
             while plan and not episode.done:
                 valid.append(list(episode.valid_actions))
+                inventories.append(episode.inventory)
                 detour = _detour(replay, episode, plan, rng) if rng.random() < noise else None
                 if detour:
                     (episode,) = batch.step([detour[0]])
@@ -77,7 +78,8 @@ def expert_episodes(game: GameConfig, seeds: Sequence[int], fold: str,
             steps += len(valid)
             rows.append(dict(seed=int(seed), task=episode.task,
                              observations=episode.observations, actions=episode.actions,
-                             valid_actions=valid, trained=trained, rewards=episode.rewards,
+                             valid_actions=valid, inventories=inventories, trained=trained,
+                             rewards=episode.rewards,
                              success=episode.success, done=episode.done))
     if rejected:
         logger.warning("%d of %d expert actions were not in the valid-action list (kept)",
@@ -151,12 +153,12 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
     if negatives is not None and (not candidates or negatives < 0 or rng is None):
         raise ValueError(f"negatives={negatives} needs candidates=True, a count >= 0 and an rng")
     tails, leaves, gold, steps = [], [], [], []
-    for step, (valid, action, trained) in enumerate(zip(row["valid_actions"], row["actions"],
-                                                        row["trained"])):
+    for step, (valid, action, trained, inventory) in enumerate(zip(
+            row["valid_actions"], row["actions"], row["trained"], row["inventories"])):
         if not trained:
             continue
         steps.append(step)
-        tail = step_tail(valid, style)
+        tail = step_tail(valid, style, inventory)
         options = valid if candidates else [action]
         if negatives is not None:
             others = [a for a in valid if a != action]
@@ -225,4 +227,4 @@ def _state(row: dict, step: int) -> Episode:
     """The state of an `expert_episodes` row before its action `step`."""
     return Episode(seed=row["seed"], fold="", task=row["task"],
                    observations=row["observations"][:step + 1], actions=row["actions"][:step],
-                   valid_actions=row["valid_actions"][step])
+                   valid_actions=row["valid_actions"][step], inventory=row["inventories"][step])

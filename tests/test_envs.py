@@ -15,7 +15,7 @@ from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.agent import AgentConfig, play
 from jaxrl_llm.evaluation import summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
-                                      prompt_pieces, step_tail)
+                                      inventory_text, prompt_pieces, step_tail)
 
 pytestmark = pytest.mark.textworld
 
@@ -83,6 +83,26 @@ def test_prompt_matches_notebook_format():
     assert build_prompt(episode) == expected
 
 
+def test_inventory_tail_follows_the_pickups_of_a_gold_path():
+    """The inventory style's tail is what the player carries in that state, one line."""
+    assert inventory_text("Inventory (maximum capacity is 4 items): \n  a cookbook\n  a knife\n"
+                          ) == "a cookbook, a knife"
+    with TextWorldBatch(GameConfig(), 1) as batch:
+        (episode,) = batch.reset([5], "train", gold=True)
+        carried = []
+        for action in batch.gold_actions(0)[:8]:
+            assert all(item in episode.inventory for item in carried)
+            tail = step_tail(episode.valid_actions, "inventory", episode.inventory)
+            assert tail == f"\nInventory: {episode.inventory}\nAction: " and "\n" not in \
+                episode.inventory
+            (episode,) = batch.step([action])
+            if action.startswith("take ") and "You take" in episode.observations[-1]:
+                carried.append(action.removeprefix("take "))
+        assert carried and all(item in episode.inventory for item in carried)
+    with pytest.raises(ValueError, match="needs the state's inventory"):
+        step_tail(["look around"], "inventory")
+
+
 def test_task_line_kept_at_step_max_history():
     """Notebook 000 loses the `# TASK:` line at exactly step == max_history (`>` for `>=`)."""
     obs = [f"obs {i}" for i in range(4)]
@@ -146,7 +166,8 @@ def test_wilson_interval():
 @pytest.mark.parametrize("mode,max_history,style", [("score", None, "notebook"),
                                                     ("generate", None, "notebook"),
                                                     ("score", 2, "notebook"),
-                                                    ("score", None, "compact")])
+                                                    ("score", None, "compact"),
+                                                    ("score", None, "inventory")])
 def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style):
     """Incremental prefill feeds exactly the tokens of the whole prompt at every step."""
     from jaxrl_llm.model import ModelConfig, Transformer
@@ -171,6 +192,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
         tail = tokenizer.decode(t.tail_ids)
         assert tail.endswith("\nAction:")
         assert tail.startswith("\nValid actions: ") == (style == "notebook")
+        assert tail.startswith("\nInventory: ") == (style == "inventory")
         if mode == "score":
             assert t.valid and t.candidate_ids[t.choice][-1] == tokenizer.eos_token_id
             assert len(t.candidate_ids) == len(set(map(tuple, t.candidate_ids)))
@@ -184,7 +206,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
 
 @pytest.mark.parametrize("style,max_history,noise", [
     ("compact", None, 0.0), ("notebook", None, 0.0), ("compact", 2, 0.0), ("compact", None, 0.4),
-    ("notebook", 2, 0.4)])
+    ("notebook", 2, 0.4), ("inventory", None, 0.4)])
 def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history,
                                                              noise):
     """Each learned step of a packed game is its per-step prompt: history + tail, then actions
@@ -196,7 +218,8 @@ def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, ma
                                        progress=False, noise=noise)
     (row,) = episodes()
     assert episodes()[0] == row
-    assert len(row["actions"]) == len(row["valid_actions"]) == len(row["observations"]) - 1
+    assert len(row["actions"]) == len(row["valid_actions"]) == len(row["inventories"]) == len(
+        row["observations"]) - 1
     learned = [step for step, trained in enumerate(row["trained"]) if trained]
     assert (len(learned) < len(row["actions"])) == (noise > 0)
     packed, gold = encode_episode(tokenizer, row, style, max_history, candidates=True)
@@ -206,21 +229,22 @@ def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, ma
         state = Episode(seed=3, fold="train", task=row["task"],
                         observations=row["observations"][:step + 1],
                         actions=row["actions"][:step])
-        valid = row["valid_actions"][step]
+        valid, inventory = row["valid_actions"][step], row["inventories"][step]
         expected = text.encode_prompt(tokenizer, prompt_pieces(state, max_history),
-                                      step_tail(valid, style))
+                                      step_tail(valid, style, inventory))
         decision = p.decisions[s]
         seen = (p.branch[:decision + 1] == -1) | (p.branch[:decision + 1] == s)
         assert p.tokens[:decision + 1][seen].tolist() == expected
         assert p.positions[decision] == len(expected) - 1
         leaves = p.tokens[(p.branch == s) & (p.leaf >= 0)].tolist()
-        tail = step_tail(valid, style)
+        tail = step_tail(valid, style, inventory)
         assert leaves == [i for a in valid for i in text.encode_action(tokenizer, tail, a)]
         if gold[n] >= 0:
             assert valid[gold[n]] == row["actions"][step]
     sft, _ = encode_episode(tokenizer, row, style, max_history)
     assert sum(len(p.targets) for p in sft) == sum(
-        len(text.encode_action(tokenizer, step_tail(row["valid_actions"][s], style),
+        len(text.encode_action(tokenizer, step_tail(row["valid_actions"][s], style,
+                                                    row["inventories"][s]),
                                row["actions"][s])) for s in learned)
 
 

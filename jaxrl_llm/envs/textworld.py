@@ -26,9 +26,12 @@ ACTION_SUFFIX = "\nAction: {}"
 TAIL = "\nValid actions: {}\nAction: "
 # "notebook": notebook 000's tail lists the valid actions (a generator needs them); "compact"
 # asks for the action only: a scoring policy is handed the candidates directly, and the list is
-# most of a game's tokens.
-PROMPT_STYLES = ("notebook", "compact")
+# most of a game's tokens. "inventory" is compact with what the player carries: the tail is
+# never part of the history, so the state costs its tokens once per step, not once per later
+# step, and the policy need not recount its pickups from the whole history.
+PROMPT_STYLES = ("notebook", "compact", "inventory")
 COMPACT_TAIL = "\nAction: "
+INVENTORY_TAIL = "\nInventory: {}\nAction: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Episode:
     valid_actions: list[str] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
     scores: list[float] = dataclasses.field(default_factory=list)  # score after each step
+    inventory: str = ""  # what the player carries now (`inventory_text`)
     success: bool = False
     failure: bool = False
     truncated: bool = False
@@ -182,7 +186,8 @@ class TextWorldBatch:
             self._restart(index)
             obs, info = self._envs[index].reset(seed=seed, gameFold=fold, generateGoldPath=gold)
         return Episode(seed=seed, fold=fold, task=info["taskDescription"], observations=[obs],
-                       valid_actions=list(info["validActions"]))
+                       valid_actions=list(info["validActions"]),
+                       inventory=inventory_text(info["inventory"]))
 
     def step(self, actions: Sequence[str | None]) -> list[Episode]:
         if len(actions) != self.num_games:
@@ -208,6 +213,7 @@ class TextWorldBatch:
         episode.rewards.append(float(reward))
         episode.scores.append(float(info["score"]))
         episode.valid_actions = list(info["validActions"])
+        episode.inventory = inventory_text(info["inventory"])
         episode.success, episode.failure = bool(info["tasksuccess"]), bool(info["taskfailure"])
         episode.truncated = not episode.terminated and episode.num_steps >= self.config.step_limit
 
@@ -278,14 +284,28 @@ def check_style(style: str) -> None:
         raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
 
-def step_tail(valid_actions: Sequence[str], style: str = "notebook") -> str:
-    """The per-step question: `"\\nValid actions: a, b\\nAction: "` (notebook) or
-    `"\\nAction: "` (compact)."""
+def inventory_text(engine_text: str) -> str:
+    """The engine's inventory on one line, without its header: `"a cookbook, a knife"`."""
+    return ", ".join(line.strip() for line in engine_text.splitlines()[1:] if line.strip())
+
+
+def step_tail(valid_actions: Sequence[str], style: str = "notebook",
+              inventory: str | None = None) -> str:
+    """The per-step question: `"\\nValid actions: a, b\\nAction: "` (notebook),
+    `"\\nAction: "` (compact) or `"\\nInventory: a knife\\nAction: "` (inventory, which
+    needs the state's `inventory_text`)."""
     check_style(style)
-    return TAIL.format(", ".join(valid_actions)) if style == "notebook" else COMPACT_TAIL
+    if style == "notebook":
+        return TAIL.format(", ".join(valid_actions))
+    if style == "inventory":
+        if inventory is None:
+            raise ValueError("prompt style 'inventory' needs the state's inventory")
+        return INVENTORY_TAIL.format(inventory)
+    return COMPACT_TAIL
 
 
 def build_prompt(episode: Episode, max_history: int | None = None,
                  style: str = "notebook") -> str:
     """The full prompt (prefix + tail) for the episode's current step."""
-    return "".join(prompt_pieces(episode, max_history)) + step_tail(episode.valid_actions, style)
+    return "".join(prompt_pieces(episode, max_history)) + step_tail(
+        episode.valid_actions, style, episode.inventory)
