@@ -49,6 +49,14 @@ from jaxrl_llm.train.sft import (SFTConfig, episode_batches, gold_action_accurac
 from jaxrl_llm.train.step import NonFiniteGuard, OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu", "gpu")
+# The fields that shape each stage's training (not memory knobs, evaluation or logging): a
+# checkpoint keeps them, and resuming it under other values is refused, not silently mixed.
+SFT_FIELDS = ("model_path", "quantize", "lora_rank", "lora_alpha", "max_history",
+              "prompt_style", "train_games", "sft_loss", "sft_negatives", "sft_noise",
+              "sft_epochs", "sft_batch_size", "sft_learning_rate", "seed")
+PPO_FIELDS = SFT_FIELDS + ("collect_mode", "temperature", "length_norm", "ppo_step_limit",
+                           "ppo_epochs", "ppo_minibatch_size", "ppo_learning_rate", "kl_coef",
+                           "kl_in", "num_envs")
 SFT_LOSSES = ("choice", "completion")
 CURVES = ("mean_score", "success_rate", "env_reward", "kl_ref", "entropy", "clip_fraction",
           "approx_kl", "explained_variance", "value_loss", "policy_loss", "valid_action_rate",
@@ -194,6 +202,9 @@ class Config:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**presets[name], **overrides})
 
+    def settings(self, fields: tuple[str, ...]) -> dict:
+        return {field: getattr(self, field) for field in fields}
+
 
 def load_policy(config: Config):
     """(model with LoRA adapters, tokenizer) for the run."""
@@ -294,6 +305,7 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
 
     def save(state, batches):
         progress.save(state, jax.random.key(0), dict(fingerprint=fp, batches=batches,
+                                                     settings=config.settings(SFT_FIELDS),
                                                      seconds=time.time() - start))
 
     tokens = sum(e.num_tokens for e in episodes)
@@ -328,7 +340,8 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
         save(state, batches)
     bar.close()
     seconds = time.time() - start
-    checkpoints.save(state, jax.random.key(0), dict(fingerprint=fp, seconds=seconds))
+    checkpoints.save(state, jax.random.key(0), dict(fingerprint=fp, seconds=seconds,
+                                                    settings=config.settings(SFT_FIELDS)))
     return trainer.model(state), seconds
 
 
@@ -394,7 +407,8 @@ def ppo(model, tokenizer, config: Config, key, run: RunDir, mesh) -> nnx.Module:
                           env_steps_per_s=len(transitions) / collect_seconds,
                           iteration_seconds=time.time() - start)
             run.log(record)
-            checkpoint_record = dict(fingerprint=fp, iteration=iteration + 1, metrics=record)
+            checkpoint_record = dict(fingerprint=fp, iteration=iteration + 1, metrics=record,
+                                     settings=config.settings(PPO_FIELDS))
             checkpoints.save(state, key, checkpoint_record)
             if config.eval_every and (iteration + 1) % config.eval_every == 0:
                 scores = evaluate(trainer.model(state).lm, tokenizer, config, key, "PPO", mesh)
@@ -410,7 +424,25 @@ def ppo(model, tokenizer, config: Config, key, run: RunDir, mesh) -> nnx.Module:
     return trainer.model(state).lm
 
 
+def check_resumable(config: Config) -> None:
+    """Refuse, before any model load, to resume checkpoints of `--run-dir` that were trained
+    with other settings (e.g. another prompt style: the adapters would be evaluated and
+    trained on prompts they never saw)."""
+    for stage, fields in (("sft", SFT_FIELDS), ("sft_progress", SFT_FIELDS), ("", PPO_FIELDS)):
+        directory = os.path.join(config.run_dir, "checkpoints", stage, "latest")
+        record = checkpointer(config, stage).record() if os.path.isdir(directory) else None
+        saved = (record or {}).get("settings", {})
+        changed = [f"--{field.replace('_', '-')} {saved[field]} (now {value})"
+                   for field, value in config.settings(fields).items()
+                   if field in saved and saved[field] != value]
+        if changed:
+            raise ValueError(f"--run-dir {config.run_dir} holds {stage or 'PPO'} checkpoints "
+                             f"trained with {', '.join(changed)}: rerun with those flags to "
+                             "resume, or use a new --run-dir")
+
+
 def main(config: Config) -> dict:
+    check_resumable(config)
     run = RunDir(config.run_dir, config, stage="ppo", x="iteration", keys=CURVES,
                  title="TextWorld PPO", tensorboard=config.tensorboard)
     key = jax.random.key(config.seed)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,6 +104,14 @@ def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monk
         main(Config.preset("smoke", run_dir=run_dir, **flags))
     monkeypatch.undo()
     assert [r["step"] for r in _records(run_dir)] == [1, 2, 3, 4]
+    # Other training settings on the same run dir are refused before the model loads.
+    with monkeypatch.context() as patch:
+        patch.setattr(textworld_ppo, "load_policy", lambda *_: pytest.fail("model loaded"))
+        for changed, said in ((dict(prompt_style="inventory"), "--prompt-style compact (now "
+                               "inventory)"), (dict(sft_learning_rate=1e-3), "--sft-learning-rate")):
+            with pytest.raises(ValueError, match="holds sft_progress checkpoints trained with "
+                                                 + re.escape(said) + ".*new --run-dir"):
+                main(Config.preset("smoke", run_dir=run_dir, **flags, **changed))
     resumed = main(Config.preset("smoke", run_dir=run_dir, **flags))
     records = _records(run_dir)
     sft_steps = [r["step"] for r in records if r["stage"] == "sft"]
@@ -112,6 +121,11 @@ def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monk
     assert strip(records) == strip(_records(unbroken_dir))
     with open(os.path.join(unbroken_dir, "eval.json")) as f:
         assert json.load(f)["sft"] == resumed["sft"]
+    textworld_ppo.check_resumable(Config.preset("smoke", run_dir=run_dir, **flags, eval_games=4,
+                                                sft_micro_batch_size=2, eval_sample=True))
+    with pytest.raises(ValueError, match="holds sft checkpoints trained with --sft-noise 0.2"):
+        textworld_ppo.check_resumable(Config.preset("smoke", run_dir=run_dir, **flags,
+                                                    sft_noise=0.5))
 
 
 def test_cli_errors():
