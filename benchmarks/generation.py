@@ -101,7 +101,7 @@ def multi_turn(model, args) -> dict:
         state = extend(model, DecodeState.empty(model.config, games, 4096), *pad_right(history))
         incremental, full, key = [], [], jax.random.key(0)
         for step in range(steps):
-            tails = [text.encode_tail(tokenizer, step_tail(e.valid_actions)) for e in episodes]
+            tails = [text.encode_tail(tokenizer, step_tail(e)) for e in episodes]
             start = time.time()
             out, state = generate_from(model, state, *pad_right(tails), key, sampling)
             out.tokens.block_until_ready()

@@ -52,7 +52,7 @@ def record_states(games: int, steps: int, seed: int) -> dict:
             for game, e in enumerate(episodes):
                 if e.done:
                     raise RuntimeError(f"test game {game} ended before step {steps}")
-                tail = step_tail(e.valid_actions, "compact")
+                tail = step_tail(e, "compact")
                 record[game]["context"].append(new[game])
                 record[game]["tail"].append(text.encode_tail(tokenizer, tail))
                 record[game]["candidates"].append(

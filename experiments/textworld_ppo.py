@@ -72,7 +72,7 @@ class Config:
     lora_rank: int = 8  # LoRA rank r of every adapted linear layer
     lora_alpha: float = 32.0  # LoRA scale alpha (the update is alpha / r * B A)
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
-    prompt_style: str = "compact"  # "notebook": the tail lists the valid actions
+    prompt_style: str = "compact"  # the step's tail: compact, notebook, inventory, recipe
     train_games: int = 96  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1

@@ -37,8 +37,8 @@ class AgentConfig:
       temperature: sampling temperature (generate mode) and the action softmax's (score mode).
       length_norm: score mode: per-token mean instead of summed action log-probs.
       prompt_style: "notebook" (the per-step tail lists the valid actions), "compact" (it
-        does not: a scoring policy is handed the candidates directly) or "inventory"
-        (compact, with what the player carries).
+        does not: a scoring policy is handed the candidates directly), "inventory"
+        (compact, with what the player carries) or "recipe" (inventory, with the cookbook read).
       max_action_tokens: generate mode: tokens sampled per action at most.
       max_history: None keeps the whole history and prefills only new text each step; k keeps
         the last k steps (shorter prompts, but the prompt is rebuilt and re-prefilled each step).
@@ -135,8 +135,7 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             state = None  # the old cache is freed before the new one is made, not after
             state = DecodeState.empty(model.config, len(episodes), config.cache_len, mesh)
         active = [not e.done for e in episodes]
-        tail_text = [step_tail(e.valid_actions, config.prompt_style, e.inventory)
-                     for e in episodes]
+        tail_text = [step_tail(e, config.prompt_style) for e in episodes]
         tails = [text.encode_tail(tokenizer, t) if row else [tokenizer.eos_token_id]
                  for t, row in zip(tail_text, rows)]
         key, step_key = jax.random.split(key)

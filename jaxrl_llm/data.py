@@ -153,12 +153,12 @@ def encode_episode(tokenizer, row: dict, style: str = "compact",
     if negatives is not None and (not candidates or negatives < 0 or rng is None):
         raise ValueError(f"negatives={negatives} needs candidates=True, a count >= 0 and an rng")
     tails, leaves, gold, steps = [], [], [], []
-    for step, (valid, action, trained, inventory) in enumerate(zip(
-            row["valid_actions"], row["actions"], row["trained"], row["inventories"])):
+    for step, (valid, action, trained) in enumerate(zip(row["valid_actions"], row["actions"],
+                                                         row["trained"])):
         if not trained:
             continue
         steps.append(step)
-        tail = step_tail(valid, style, inventory)
+        tail = step_tail(_state(row, step), style)
         options = valid if candidates else [action]
         if negatives is not None:
             others = [a for a in valid if a != action]
@@ -210,7 +210,7 @@ def expert_dataset(game: GameConfig, seeds: Sequence[int], fold: str, tokenizer,
                 continue
             state = _state(episode, s)
             pieces = prompt_pieces(state, max_history)
-            tail = step_tail(state.valid_actions)
+            tail = step_tail(state)
             rows.append(dict(
                 prompt=build_prompt(state, max_history), action=action,
                 prompt_ids=text.encode_prompt(tokenizer, pieces, tail),

@@ -15,7 +15,8 @@ from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.agent import AgentConfig, play
 from jaxrl_llm.evaluation import summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
-                                      inventory_text, prompt_pieces, step_tail)
+                                      inventory_text, prompt_pieces, recipe_text,
+                                      step_tail)
 
 pytestmark = pytest.mark.textworld
 
@@ -92,15 +93,37 @@ def test_inventory_tail_follows_the_pickups_of_a_gold_path():
         carried = []
         for action in batch.gold_actions(0)[:8]:
             assert all(item in episode.inventory for item in carried)
-            tail = step_tail(episode.valid_actions, "inventory", episode.inventory)
+            tail = step_tail(episode, "inventory")
             assert tail == f"\nInventory: {episode.inventory}\nAction: " and "\n" not in \
                 episode.inventory
             (episode,) = batch.step([action])
             if action.startswith("take ") and "You take" in episode.observations[-1]:
                 carried.append(action.removeprefix("take "))
         assert carried and all(item in episode.inventory for item in carried)
-    with pytest.raises(ValueError, match="needs the state's inventory"):
-        step_tail(["look around"], "inventory")
+    for style in ("inventory", "recipe"):
+        with pytest.raises(ValueError, match=f"'{style}' needs the state's inventory"):
+            step_tail(Episode(seed=0, fold="train", task="", observations=["Kitchen."]), style)
+
+
+def test_recipe_tail_is_the_cookbook_once_it_is_read():
+    """The recipe style's first line is the last cookbook read (ingredients; directions)."""
+    cookbook = ("Gather all following ingredients and follow the directions to prepare this "
+                "tasty meal.\n\nIngredients:\n  block of cheese\n  red apple\n\nDirections:\n"
+                "  slice the block of cheese\n  grill the red apple\n  prepare meal\n\n")
+    assert recipe_text(["Kitchen.", cookbook, "You take the knife."]) == (
+        "block of cheese, red apple; slice the block of cheese, grill the red apple, prepare meal")
+    assert recipe_text(["Kitchen."]) == "not read yet"
+    with TextWorldBatch(GameConfig(), 1) as batch:
+        (episode,) = batch.reset([5], "train", gold=True)
+        for action in batch.gold_actions(0):
+            recipe = recipe_text(episode.observations)
+            assert step_tail(episode, "recipe") == (
+                f"\nRecipe: {recipe}\nInventory: {episode.inventory}\nAction: ")
+            assert (recipe == "not read yet") == ("read cookbook" not in episode.actions)
+            (episode,) = batch.step([action])
+        ingredients, directions = recipe_text(episode.observations).split("; ")
+        assert episode.success and directions.endswith("prepare meal")
+        assert all(f"take {item}" in episode.actions for item in ingredients.split(", "))
 
 
 def test_task_line_kept_at_step_max_history():
@@ -167,7 +190,8 @@ def test_wilson_interval():
                                                     ("generate", None, "notebook"),
                                                     ("score", 2, "notebook"),
                                                     ("score", None, "compact"),
-                                                    ("score", None, "inventory")])
+                                                    ("score", None, "inventory"),
+                                                    ("score", None, "recipe")])
 def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style):
     """Incremental prefill feeds exactly the tokens of the whole prompt at every step."""
     from jaxrl_llm.model import ModelConfig, Transformer
@@ -193,6 +217,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
         assert tail.endswith("\nAction:")
         assert tail.startswith("\nValid actions: ") == (style == "notebook")
         assert tail.startswith("\nInventory: ") == (style == "inventory")
+        assert tail.startswith("\nRecipe: ") == (style == "recipe")
         if mode == "score":
             assert t.valid and t.candidate_ids[t.choice][-1] == tokenizer.eos_token_id
             assert len(t.candidate_ids) == len(set(map(tuple, t.candidate_ids)))
@@ -206,7 +231,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
 
 @pytest.mark.parametrize("style,max_history,noise", [
     ("compact", None, 0.0), ("notebook", None, 0.0), ("compact", 2, 0.0), ("compact", None, 0.4),
-    ("notebook", 2, 0.4), ("inventory", None, 0.4)])
+    ("notebook", 2, 0.4), ("inventory", None, 0.4), ("recipe", None, 0.4)])
 def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history,
                                                              noise):
     """Each learned step of a packed game is its per-step prompt: history + tail, then actions
@@ -225,27 +250,26 @@ def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, ma
     packed, gold = encode_episode(tokenizer, row, style, max_history, candidates=True)
     steps = [(p, s) for p in packed for s in range(len(p.decisions))]
     assert len(steps) == len(learned)
+    action_tokens = 0
     for n, (step, (p, s)) in enumerate(zip(learned, steps)):
+        valid = row["valid_actions"][step]
         state = Episode(seed=3, fold="train", task=row["task"],
                         observations=row["observations"][:step + 1],
-                        actions=row["actions"][:step])
-        valid, inventory = row["valid_actions"][step], row["inventories"][step]
-        expected = text.encode_prompt(tokenizer, prompt_pieces(state, max_history),
-                                      step_tail(valid, style, inventory))
+                        actions=row["actions"][:step], valid_actions=valid,
+                        inventory=row["inventories"][step])
+        tail = step_tail(state, style)
+        expected = text.encode_prompt(tokenizer, prompt_pieces(state, max_history), tail)
         decision = p.decisions[s]
         seen = (p.branch[:decision + 1] == -1) | (p.branch[:decision + 1] == s)
         assert p.tokens[:decision + 1][seen].tolist() == expected
         assert p.positions[decision] == len(expected) - 1
         leaves = p.tokens[(p.branch == s) & (p.leaf >= 0)].tolist()
-        tail = step_tail(valid, style, inventory)
         assert leaves == [i for a in valid for i in text.encode_action(tokenizer, tail, a)]
+        action_tokens += len(text.encode_action(tokenizer, tail, row["actions"][step]))
         if gold[n] >= 0:
             assert valid[gold[n]] == row["actions"][step]
     sft, _ = encode_episode(tokenizer, row, style, max_history)
-    assert sum(len(p.targets) for p in sft) == sum(
-        len(text.encode_action(tokenizer, step_tail(row["valid_actions"][s], style,
-                                                    row["inventories"][s]),
-                               row["actions"][s])) for s in learned)
+    assert sum(len(p.targets) for p in sft) == action_tokens
 
 
 def test_noisy_expert_paths_recover_from_every_detour(tmp_path):

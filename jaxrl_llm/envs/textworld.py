@@ -28,10 +28,14 @@ TAIL = "\nValid actions: {}\nAction: "
 # asks for the action only: a scoring policy is handed the candidates directly, and the list is
 # most of a game's tokens. "inventory" is compact with what the player carries: the tail is
 # never part of the history, so the state costs its tokens once per step, not once per later
-# step, and the policy need not recount its pickups from the whole history.
-PROMPT_STYLES = ("notebook", "compact", "inventory")
+# step, and the policy need not recount its pickups from the whole history. "recipe" adds the
+# cookbook the player has read: what is left to do becomes a comparison of two adjacent lines,
+# not a lookup of a block read tens of steps back.
+PROMPT_STYLES = ("notebook", "compact", "inventory", "recipe")
 COMPACT_TAIL = "\nAction: "
 INVENTORY_TAIL = "\nInventory: {}\nAction: "
+RECIPE_TAIL = "\nRecipe: {}\nInventory: {}\nAction: "
+UNREAD_RECIPE = "not read yet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Episode:
     valid_actions: list[str] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
     scores: list[float] = dataclasses.field(default_factory=list)  # score after each step
-    inventory: str = ""  # what the player carries now (`inventory_text`)
+    inventory: str | None = None  # what the player carries now (`inventory_text`)
     success: bool = False
     failure: bool = False
     truncated: bool = False
@@ -289,23 +293,36 @@ def inventory_text(engine_text: str) -> str:
     return ", ".join(line.strip() for line in engine_text.splitlines()[1:] if line.strip())
 
 
-def step_tail(valid_actions: Sequence[str], style: str = "notebook",
-              inventory: str | None = None) -> str:
-    """The per-step question: `"\\nValid actions: a, b\\nAction: "` (notebook),
-    `"\\nAction: "` (compact) or `"\\nInventory: a knife\\nAction: "` (inventory, which
-    needs the state's `inventory_text`)."""
+def recipe_text(observations: Sequence[str]) -> str:
+    """The last cookbook read in `observations` on one line, `"block of cheese, red apple; slice
+    the block of cheese, prepare meal"` (ingredients; directions), or `UNREAD_RECIPE`."""
+    for observation in reversed(observations):
+        if "Ingredients:" in observation and "Directions:" in observation:
+            ingredients, directions = observation.split("Ingredients:", 1)[1].split(
+                "Directions:", 1)
+            items = lambda block: ", ".join(line.strip() for line in block.splitlines()
+                                            if line.strip())
+            return f"{items(ingredients)}; {items(directions)}"
+    return UNREAD_RECIPE
+
+
+def step_tail(state: Episode, style: str = "notebook") -> str:
+    """The per-step question about `state`: `"\\nValid actions: a, b\\nAction: "` (notebook),
+    `"\\nAction: "` (compact), `"\\nInventory: a knife\\nAction: "` (inventory) or that with a
+    `"\\nRecipe: ..."` line before it (recipe; `recipe_text` of the state's observations)."""
     check_style(style)
     if style == "notebook":
-        return TAIL.format(", ".join(valid_actions))
+        return TAIL.format(", ".join(state.valid_actions))
+    if style == "compact":
+        return COMPACT_TAIL
+    if state.inventory is None:
+        raise ValueError(f"prompt style {style!r} needs the state's inventory")
     if style == "inventory":
-        if inventory is None:
-            raise ValueError("prompt style 'inventory' needs the state's inventory")
-        return INVENTORY_TAIL.format(inventory)
-    return COMPACT_TAIL
+        return INVENTORY_TAIL.format(state.inventory)
+    return RECIPE_TAIL.format(recipe_text(state.observations), state.inventory)
 
 
 def build_prompt(episode: Episode, max_history: int | None = None,
                  style: str = "notebook") -> str:
     """The full prompt (prefix + tail) for the episode's current step."""
-    return "".join(prompt_pieces(episode, max_history)) + step_tail(
-        episode.valid_actions, style, episode.inventory)
+    return "".join(prompt_pieces(episode, max_history)) + step_tail(episode, style)
