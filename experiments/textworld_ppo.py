@@ -469,8 +469,9 @@ def main(config: Config) -> dict:
         evaluated("zero-shot", "zero_shot")
     model, sft_seconds = timed("sft", lambda: sft(model, tokenizer, config, run, mesh))
     evaluated("SFT", "sft")
-    model = timed("ppo", lambda: ppo(model, tokenizer, config, key, run, mesh))
-    evaluated("PPO", "ppo")
+    if config.ppo_iterations:  # with none, the PPO policy is the SFT policy, played already
+        model = timed("ppo", lambda: ppo(model, tokenizer, config, key, run, mesh))
+        evaluated("PPO", "ppo")
     # A resumed run loads its SFT checkpoint: its training time is the one saved with it.
     results["wall_time_s"] = {**seconds, "sft_training": sft_seconds}
     results["compiled_play_programs"] = compile_count()

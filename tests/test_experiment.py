@@ -121,6 +121,7 @@ def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monk
     assert strip(records) == strip(_records(unbroken_dir))
     with open(os.path.join(unbroken_dir, "eval.json")) as f:
         assert json.load(f)["sft"] == resumed["sft"]
+    assert "ppo" not in resumed  # no PPO iteration: the SFT policy is not played twice
     textworld_ppo.check_resumable(Config.preset("smoke", run_dir=run_dir, **flags, eval_games=4,
                                                 sft_micro_batch_size=2, eval_sample=True))
     with pytest.raises(ValueError, match="holds sft checkpoints trained with --sft-noise 0.2"):
