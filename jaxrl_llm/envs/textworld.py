@@ -288,9 +288,15 @@ def check_style(style: str) -> None:
         raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
 
+def _one_line(lines: Sequence[str]) -> str:
+    """The lines of an engine's indented list (`["  a cookbook", "  a knife", ""]`) as one:
+    `"a cookbook, a knife"`."""
+    return ", ".join(line.strip() for line in lines if line.strip())
+
+
 def inventory_text(engine_text: str) -> str:
     """The engine's inventory on one line, without its header: `"a cookbook, a knife"`."""
-    return ", ".join(line.strip() for line in engine_text.splitlines()[1:] if line.strip())
+    return _one_line(engine_text.splitlines()[1:])
 
 
 def recipe_text(observations: Sequence[str]) -> str:
@@ -300,9 +306,7 @@ def recipe_text(observations: Sequence[str]) -> str:
         if "Ingredients:" in observation and "Directions:" in observation:
             ingredients, directions = observation.split("Ingredients:", 1)[1].split(
                 "Directions:", 1)
-            items = lambda block: ", ".join(line.strip() for line in block.splitlines()
-                                            if line.strip())
-            return f"{items(ingredients)}; {items(directions)}"
+            return f"{_one_line(ingredients.splitlines())}; {_one_line(directions.splitlines())}"
     return UNREAD_RECIPE
 
 
