@@ -483,15 +483,17 @@ def main(config: Config) -> dict:
 
 
 def print_table(results: dict, step_limits) -> None:
-    """One row per (policy, step limit): success with its 95% interval, score, steps, invalid."""
+    """One row per (policy, step limit): success with its 95% interval, score, steps, invalid
+    rate, and the shares of games lost and of games out of steps with an ingredient missing."""
     print(f"\n{'policy':<20} {'limit':>5} {'success (95% CI)':>22} {'score':>6} {'steps':>6} "
-          f"{'invalid':>8}")
+          f"{'invalid':>8} {'lost':>5} {'missed':>6}")
     for policy, by_limit in results.items():
         for limit in step_limits:
             r = by_limit[f"limit_{limit}"]
             ci = f"{r['success_rate']:.2f} [{r['success_low']:.2f}, {r['success_high']:.2f}]"
             print(f"{policy:<20} {limit:>5} {ci:>22} {r['mean_score']:>6.2f} "
-                  f"{r['mean_steps']:>6.1f} {r['invalid_rate']:>8.2f}")
+                  f"{r['mean_steps']:>6.1f} {r['invalid_rate']:>8.2f} {r['failure_rate']:>5.2f} "
+                  f"{r['missed_ingredient_rate']:>6.2f}")
 
 
 def print_summary(results: dict, config: Config) -> None:

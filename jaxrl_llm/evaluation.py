@@ -2,8 +2,8 @@
 
 `evaluate_policy` plays test seeds in chunks of games in lockstep (any `agent.play` or
 `agent.play_baseline` bound to a policy), keeps each finished chunk in a record, and summarizes
-success with a 95% Wilson interval, normalized score, steps, invalid and failure rates at every
-step limit from one play at the largest.
+success with a 95% Wilson interval, normalized score, steps, invalid, failure and
+missed-ingredient rates at every step limit from one play at the largest.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrl_llm.agent import TOKEN_FIELDS, Transition
-from jaxrl_llm.envs.textworld import Episode, GameConfig, TextWorldBatch
+from jaxrl_llm.envs.textworld import Episode, GameConfig, TextWorldBatch, missed_ingredient
 
 PlayChunk = Callable[[TextWorldBatch, list[int], Callable[[list[Episode]], None]],
                      tuple[list[Episode], list[Transition]]]
@@ -136,7 +136,10 @@ def _append_chunk(path: str, header: dict, start: int, episodes, transitions) ->
 
 
 def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[str, float]:
-    """Success rate with a 95% Wilson interval, normalized score, steps, invalid and failure rates."""
+    """Success rate with a 95% Wilson interval, normalized score, steps, invalid rate, and why
+    the other games did not succeed: lost (the game ended in failure, e.g. food cooked the
+    wrong way or eaten) or out of steps while an ingredient was missing (`missed_ingredient`);
+    the rest ran out of steps holding every ingredient."""
     n = len(episodes)
     successes = sum(e.success for e in episodes)
     low, high = wilson_interval(successes, n)
@@ -145,7 +148,8 @@ def summarize(episodes: list[Episode], transitions: list[Transition]) -> dict[st
         mean_score=float(np.mean([e.score for e in episodes])),
         mean_steps=float(np.mean([e.num_steps for e in episodes])),
         invalid_rate=float(np.mean([not t.valid for t in transitions])) if transitions else 0.0,
-        failure_rate=sum(e.failure for e in episodes) / n)
+        failure_rate=sum(e.failure for e in episodes) / n,
+        missed_ingredient_rate=sum(map(missed_ingredient, episodes)) / n)
 
 
 def summarize_limits(episodes: list[Episode], transitions: list[Transition],

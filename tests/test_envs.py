@@ -15,8 +15,8 @@ from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.agent import AgentConfig, play
 from jaxrl_llm.evaluation import summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
-                                      inventory_text, prompt_pieces, recipe_text,
-                                      step_tail)
+                                      inventory_text, missed_ingredient, prompt_pieces,
+                                      recipe_text, step_tail)
 
 pytestmark = pytest.mark.textworld
 
@@ -105,12 +105,14 @@ def test_inventory_tail_follows_the_pickups_of_a_gold_path():
             step_tail(Episode(seed=0, fold="train", task="", observations=["Kitchen."]), style)
 
 
+COOKBOOK = ("Gather all following ingredients and follow the directions to prepare this tasty "
+            "meal.\n\nIngredients:\n  block of cheese\n  red apple\n\nDirections:\n"
+            "  slice the block of cheese\n  grill the red apple\n  prepare meal\n\n")
+
+
 def test_recipe_tail_is_the_cookbook_once_it_is_read():
     """The recipe style's first line is the last cookbook read (ingredients; directions)."""
-    cookbook = ("Gather all following ingredients and follow the directions to prepare this "
-                "tasty meal.\n\nIngredients:\n  block of cheese\n  red apple\n\nDirections:\n"
-                "  slice the block of cheese\n  grill the red apple\n  prepare meal\n\n")
-    assert recipe_text(["Kitchen.", cookbook, "You take the knife."]) == (
+    assert recipe_text(["Kitchen.", COOKBOOK, "You take the knife."]) == (
         "block of cheese, red apple; slice the block of cheese, grill the red apple, prepare meal")
     assert recipe_text(["Kitchen."]) == "not read yet"
     with TextWorldBatch(GameConfig(), 1) as batch:
@@ -124,6 +126,30 @@ def test_recipe_tail_is_the_cookbook_once_it_is_read():
         ingredients, directions = recipe_text(episode.observations).split("; ")
         assert episode.success and directions.endswith("prepare meal")
         assert all(f"take {item}" in episode.actions for item in ingredients.split(", "))
+
+
+def test_missed_ingredient_is_out_of_steps_before_taking_the_recipes_food():
+    """Hand-made games: a game that ran out of steps counts as missing an ingredient until it
+    has read the cookbook and taken each of its ingredients (a refused take does not count);
+    won and lost games never do. The summary reports the share."""
+    def game(actions, observations, **flags):
+        return Episode(seed=0, fold="test", task="", observations=["Kitchen."] + observations,
+                       actions=actions, truncated=not flags, **flags)
+
+    read = ["read cookbook"], [COOKBOOK]
+    unread = game(["take knife"], ["You take the knife."])
+    one = game(read[0] + ["take red apple"], read[1] + ["You take the red apple."])
+    refused = game(read[0] + ["take red apple", "take block of cheese"],
+                   read[1] + ["You take the red apple.", "You can't see that."])
+    both = game(read[0] + ["take block of cheese", "take red apple"],
+                read[1] + ["You take the block of cheese.", "You take the red apple."])
+    lost = game(read[0] + ["eat red apple"], read[1] + ["You eat the red apple."], failure=True)
+    won = game(["take knife"], ["You take the knife."], success=True)
+    assert [missed_ingredient(e) for e in (unread, one, refused, both, lost, won)] == [
+        True, True, True, False, False, False]
+    summary = summarize([unread, both, lost, won], [])
+    assert (summary["success_rate"], summary["failure_rate"],
+            summary["missed_ingredient_rate"]) == (0.25, 0.25, 0.25)
 
 
 def test_task_line_kept_at_step_max_history():

@@ -288,26 +288,49 @@ def check_style(style: str) -> None:
         raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
 
-def _one_line(lines: Sequence[str]) -> str:
-    """The lines of an engine's indented list (`["  a cookbook", "  a knife", ""]`) as one:
-    `"a cookbook, a knife"`."""
-    return ", ".join(line.strip() for line in lines if line.strip())
+def _items(lines: Sequence[str]) -> list[str]:
+    """The items of an engine's indented list (`["  a cookbook", "  a knife", ""]`):
+    `["a cookbook", "a knife"]`."""
+    return [line.strip() for line in lines if line.strip()]
 
 
 def inventory_text(engine_text: str) -> str:
     """The engine's inventory on one line, without its header: `"a cookbook, a knife"`."""
-    return _one_line(engine_text.splitlines()[1:])
+    return ", ".join(_items(engine_text.splitlines()[1:]))
+
+
+def read_recipe(observations: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """The last cookbook read in `observations` as (ingredients, directions), or None."""
+    for observation in reversed(observations):
+        if "Ingredients:" in observation and "Directions:" in observation:
+            ingredients, directions = observation.split("Ingredients:", 1)[1].split(
+                "Directions:", 1)
+            return _items(ingredients.splitlines()), _items(directions.splitlines())
+    return None
 
 
 def recipe_text(observations: Sequence[str]) -> str:
     """The last cookbook read in `observations` on one line, `"block of cheese, red apple; slice
     the block of cheese, prepare meal"` (ingredients; directions), or `UNREAD_RECIPE`."""
-    for observation in reversed(observations):
-        if "Ingredients:" in observation and "Directions:" in observation:
-            ingredients, directions = observation.split("Ingredients:", 1)[1].split(
-                "Directions:", 1)
-            return f"{_one_line(ingredients.splitlines())}; {_one_line(directions.splitlines())}"
-    return UNREAD_RECIPE
+    recipe = read_recipe(observations)
+    if recipe is None:
+        return UNREAD_RECIPE
+    return "; ".join(", ".join(part) for part in recipe)
+
+
+def missed_ingredient(episode: Episode) -> bool:
+    """Whether `episode` ended neither won nor lost while a recipe ingredient was never taken
+    (or the cookbook never read): the agent ran out of steps before it had what the meal needs,
+    not while cooking it."""
+    if episode.terminated:
+        return False
+    recipe = read_recipe(episode.observations)
+    if recipe is None:
+        return True
+    taken = {action.removeprefix("take ") for action, observation
+             in zip(episode.actions, episode.observations[1:])
+             if action.startswith("take ") and observation.startswith("You take")}
+    return not set(recipe[0]) <= taken
 
 
 def step_tail(state: Episode, style: str = "notebook") -> str:
