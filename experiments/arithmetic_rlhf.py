@@ -39,7 +39,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments.arithmetic_task import (EOS_ID, MAX_NEW_TOKENS, PAD_ID, TEMPLATES, Task,
-                                        WordTokenizer, answer_ids, corrupt,
+                                        WordTokenizer, answer_ids, corrupt, credit,
                                         exact_reward_fn, prompt_ids, sample_problems)
 from experiments.common import arm_dir, arm_grid, parse_preset_config
 
@@ -56,6 +56,9 @@ from jaxrl_llm.train.sft import SFTConfig, batches, completion_loss
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 PRESETS = ("smoke", "cpu")
+# The proxy reward, the program's verdict on the same samples and on held-out problems.
+OVEROPTIMISATION = ("reward_mean", "true_reward_mean", "heldout_exact_greedy",
+                    "heldout_exact_sampled")
 CURVES = ("reward_mean", "true_reward_mean", "heldout_exact_sampled", "kl_ref", "entropy",
           "response_length", "clip_fraction", "approx_kl", "value_loss", "explained_variance")
 
@@ -77,6 +80,11 @@ class Config:
     # Share of reward-model pairs whose wrong answer is a sample of the SFT policy (the mistakes
     # PPO will make), the rest synthetic corruptions; held-out pairs are mixed the same way.
     rm_policy_fraction: float = 0.5
+    # Share of the reward model's *training* pairs made of two SFT samples of one prompt, ranked
+    # by the program's partial credit (`arithmetic_task.credit`: leading terms right): most
+    # policy samples are wrong, and RL needs them ranked among themselves, not only below the
+    # right answer. Held-out pairs stay (right, wrong), the accuracy reported.
+    rm_ranked_fraction: float = 0.0
     # How the reward is read (`reward_model.SCORES`): "likelihood", the mean token log-prob
     # under the SFT model fine-tuned on the pairs, or "value", a scalar head on its features.
     rm_kind: str = "likelihood"
@@ -110,9 +118,10 @@ class Config:
         if self.rm_kind not in rm.SCORES:
             raise ValueError(f"--rm-kind must be one of {', '.join(rm.SCORES)}, got "
                              f"{self.rm_kind!r}")
-        if not 0.0 <= self.rm_policy_fraction <= 1.0:
-            raise ValueError(f"--rm-policy-fraction must be in [0, 1], got "
-                             f"{self.rm_policy_fraction}")
+        for flag, share in (("--rm-policy-fraction", self.rm_policy_fraction),
+                            ("--rm-ranked-fraction", self.rm_ranked_fraction)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{flag} must be in [0, 1], got {share}")
         rates = (self.sft_learning_rate, self.rm_learning_rate, self.rl_learning_rate)
         if min(rates) <= 0:
             raise ValueError(f"--sft-learning-rate, --rm-learning-rate and --rl-learning-rate "
@@ -187,23 +196,39 @@ def continuations(lm, tokenizer, prompts, key, greedy: bool) -> list[list[int]]:
     return [row[m].tolist() for row, m in zip(np.asarray(out.tokens), np.asarray(out.mask))]
 
 
-def preference_pairs(policy, tokenizer, problems, config: Config, rng, key, width: int
-                     ) -> dict[str, np.ndarray]:
-    """`reward_model.pair_batch` of one (correct, wrong) pair per problem: the wrong answer is
-    a sample of `policy` for a `rm_policy_fraction` share of the problems (where that sample
-    is wrong, as the program checks), else a synthetic corruption."""
+def preference_pairs(policy, tokenizer, problems, config: Config, rng, key, width: int,
+                     ranked: float = 0.0) -> dict[str, np.ndarray]:
+    """`reward_model.pair_batch` of one pair per problem.
+
+    Mostly (correct, wrong): the wrong answer is a sample of `policy` for a
+    `rm_policy_fraction` share of the problems (where that sample is wrong, as the program
+    checks), else a synthetic corruption. For a `ranked` share, two samples of `policy` ranked
+    by the program's partial credit (`credit`) where they differ (else the pair above).
+    """
     prompts = [prompt_ids(tokenizer, p, int(rng.integers(len(TEMPLATES)))) for p in problems]
     answers = [answer_ids(tokenizer, p, config.max_value) for p in problems]
     sampled = rng.random(len(problems)) < config.rm_policy_fraction
     wrong = [corrupt(a, tokenizer, rng, config.max_value) for a in answers]
+    chosen = list(answers)
+    pair_up = rng.random(len(problems)) < ranked if ranked else np.zeros(len(problems), bool)
     chunk = 1024  # whole chunks are sampled: one compiled shape, whichever rows are used
-    for start in range(0, len(problems) if sampled.any() else 0, chunk):
-        samples = continuations(policy, tokenizer, prompts[start:start + chunk],
+    for start in range(0, len(problems) if (sampled | pair_up).any() else 0, chunk):
+        rows = slice(start, start + chunk)
+        samples = continuations(policy, tokenizer, prompts[rows],
                                 jax.random.fold_in(key, start), greedy=False)
         for i, sample in enumerate(samples, start):
             if sampled[i] and sample != answers[i]:
                 wrong[i] = sample
-    return rm.pair_batch(prompts, answers, wrong, width, tokenizer.pad_id)
+        if not pair_up[rows].any():
+            continue
+        others = continuations(policy, tokenizer, prompts[rows],
+                               jax.random.fold_in(jax.random.fold_in(key, start), 1),
+                               greedy=False)
+        for i, pair in enumerate(zip(samples, others), start):
+            scores = [credit(s, answers[i]) for s in pair]
+            if pair_up[i] and scores[0] != scores[1]:
+                chosen[i], wrong[i] = pair if scores[0] > scores[1] else pair[::-1]
+    return rm.pair_batch(prompts, chosen, wrong, width, tokenizer.pad_id)
 
 
 def train_reward_model(sft_model, tokenizer, train, heldout, config: Config, rng, key, log,
@@ -215,7 +240,8 @@ def train_reward_model(sft_model, tokenizer, train, heldout, config: Config, rng
     heldout_pairs = preference_pairs(sft_model, tokenizer, heldout, config, rng, heldout_key,
                                      width)
     untrained = rm.pair_accuracy(reward_model, heldout_pairs, config.rm_kind)
-    arrays = preference_pairs(sft_model, tokenizer, train, config, rng, train_key, width)
+    arrays = preference_pairs(sft_model, tokenizer, train, config, rng, train_key, width,
+                              config.rm_ranked_fraction)
     size = config.rm_batch_size
     per_epoch = len(train) // size
     trainer = Trainer(reward_model, make_optimizer(OptimConfig(
@@ -349,7 +375,7 @@ def main(config: Config) -> dict:
             plot_curves(curves, os.path.join(config.run_dir, "comparison.png"), stage="rl",
                         x="iteration", keys=CURVES, title="Arithmetic RLHF: arms")
             plot_curves(curves, os.path.join(config.run_dir, "overoptimisation.png"),
-                        stage="rl", x="kl_ref", keys=("reward_mean", "true_reward_mean"),
+                        stage="rl", x="kl_ref", keys=OVEROPTIMISATION,
                         title="proxy (reward model) and true (program) reward vs KL to SFT")
         first = next(iter(results["arms"].values()))
         results.update(rl=first["rl"], rl_seconds=first["rl_seconds"],

@@ -117,6 +117,17 @@ def corrupt(answer: list[int], tokenizer: WordTokenizer, rng: np.random.Generato
             return tokenizer.encode(" ".join(map(str, wrong))) + [tokenizer.eos_id]
 
 
+def credit(response: list[int], answer: list[int]) -> int:
+    """Partial credit: how many leading tokens of `response` match the right continuation
+    (len(answer) for an exactly right one): the program's finer verdict."""
+    matched = 0
+    for got, want in zip(response, answer):
+        if got != want:
+            break
+        matched += 1
+    return matched
+
+
 def exact_reward_fn(answers: dict[tuple[int, ...], list[int]]):
     """1 if a response is exactly the right series + EOS, else 0 (the program's verdict);
     `answers` maps every training prompt's ids to its correct continuation."""

@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from experiments.arithmetic_rlhf import Config, main, parse_args
+from experiments.arithmetic_rlhf import (Config, build_model, main, parse_args,
+                                         preference_pairs)
 from experiments.arithmetic_task import (Problem, Task, WordTokenizer, answer_ids, corrupt,
-                                         exact_reward_fn, prompt_ids, sample_problems, series)
+                                         credit, exact_reward_fn, prompt_ids, sample_problems, series)
 
 
 def test_series_leave_out_terms_above_max_value():
@@ -67,6 +68,35 @@ def test_exact_reward_is_the_programs_verdict():
         reward([prompt] * 3, [right, right[:-1], tokenizer.encode("5 7 10") + [1]]), [1, 0, 0])
 
 
+def test_credit_counts_the_leading_tokens_right():
+    tokenizer = WordTokenizer(100)
+    answer = tokenizer.encode("5 7 9") + [tokenizer.eos_id]
+    assert credit(answer, answer) == 4
+    assert credit(tokenizer.encode("5 7 10") + [1], answer) == 2
+    assert credit(tokenizer.encode("5 7 9 11") + [1], answer) == 3  # EOS due, not given
+    assert credit(tokenizer.encode("6 7 9") + [1], answer) == 0
+    assert credit([], answer) == 0
+
+
+def test_ranked_pairs_prefer_the_sample_with_more_credit():
+    import jax
+
+    config = Config.preset("smoke")
+    tokenizer = WordTokenizer(config.max_value)
+    policy = build_model(tokenizer, config)  # untrained: its samples are wrong, in many ways
+    problems = sample_problems(np.random.default_rng(0), 64, config.task)
+    pairs = preference_pairs(policy, tokenizer, problems, config, np.random.default_rng(1),
+                             jax.random.key(0), 64, ranked=1.0)
+    answers = [answer_ids(tokenizer, p, config.max_value) for p in problems]
+    response = lambda side, i: pairs[f"{side}_tokens"][i][pairs[f"{side}_response_mask"][i]]
+    ranked = 0
+    for i, answer in enumerate(answers):
+        chosen, rejected = response("chosen", i).tolist(), response("rejected", i).tolist()
+        assert credit(chosen, answer) > credit(rejected, answer)
+        ranked += chosen != answer
+    assert ranked > 0  # some pairs are two wrong samples, not the answer and a wrong one
+
+
 def test_cli_errors():
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tpu"])
@@ -85,5 +115,7 @@ def test_cli_errors():
         parse_args(["--rm-kind", "oracle"])
     with pytest.raises(ValueError, match="--rm-policy-fraction must be in"):
         parse_args(["--rm-policy-fraction", "1.5"])
+    with pytest.raises(ValueError, match="--rm-ranked-fraction must be in"):
+        parse_args(["--rm-ranked-fraction", "-0.1"])
     with pytest.raises(ValueError, match="max_terms must be <= 15"):
         Task(max_terms=20)
