@@ -224,9 +224,10 @@ def preference_pairs(policy, tokenizer, problems, config: Config, rng, key, widt
         others = continuations(policy, tokenizer, prompts[rows],
                                jax.random.fold_in(jax.random.fold_in(key, start), 1),
                                greedy=False)
-        for i, pair in enumerate(zip(samples, others), start):
+        for i in np.flatnonzero(pair_up[rows]) + start:
+            pair = samples[i - start], others[i - start]
             scores = [credit(s, answers[i]) for s in pair]
-            if pair_up[i] and scores[0] != scores[1]:
+            if scores[0] != scores[1]:
                 chosen[i], wrong[i] = pair if scores[0] > scores[1] else pair[::-1]
     return rm.pair_batch(prompts, chosen, wrong, width, tokenizer.pad_id)
 
