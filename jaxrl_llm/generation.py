@@ -384,7 +384,7 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, key: jax.Array,
     if mesh is None and len(length_groups(mask.sum(1), group_rows)) > 1:
         # Grouped prefill of all but the last token; sampling conditions on the last one.
         state = extend(model, state, *pad_right([r[:-1] for r in rows]), group_rows)
-        tokens, mask = pad_right([r[-1:] for r in rows])
+        tokens, mask = pad_right([r[-1:] for r in rows], width=1)
     output, _ = generate_from(model, state, tokens, mask, key, sampling)
     return output
 

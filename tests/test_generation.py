@@ -182,6 +182,17 @@ def test_generate_groups_prompts_by_length(model):
     assert len(padding.length_groups([4, 90, 6, 80], 2)) == 2  # the grouped path ran
 
 
+def test_grouped_generate_fills_the_cache_to_its_last_slot(model):
+    # 32 prompt tokens + 16 new ones fill the 48-slot cache exactly; the grouped prefill's
+    # one-token tail must not count as a bucket of 16 (it raised "needs 63 cache slots").
+    prompts = random_prompts([4, 6, 32, 30], model.config.vocab_size, seed=29)
+    sampling = SamplingConfig(16, greedy=True)
+    grouped = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=2)
+    whole = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=4)
+    np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(whole.tokens))
+    assert len(padding.length_groups([4, 6, 32, 30], 2)) == 2  # the grouped path ran
+
+
 def test_left_padding_in_generate(model):
     prompts = random_prompts([3, 10], model.config.vocab_size, seed=14)
     tokens = np.zeros((2, 10), np.int32)
