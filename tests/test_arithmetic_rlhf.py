@@ -3,13 +3,17 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from experiments.arithmetic_rlhf import (Config, build_model, main, parse_args,
+from experiments.arithmetic_rlhf import (RL_TRAINABLE, Config, build_model, main, parse_args,
                                          preference_pairs)
 from experiments.arithmetic_task import (Problem, Task, WordTokenizer, answer_ids, corrupt,
                                          credit, exact_reward_fn, prompt_ids, sample_problems, series)
+from jaxrl_llm.train import prompt_rl
+from jaxrl_llm.train.step import OptimConfig, make_optimizer
 
 
 def test_series_leave_out_terms_above_max_value():
@@ -97,6 +101,28 @@ def test_ranked_pairs_prefer_the_sample_with_more_credit():
     assert ranked > 0  # some pairs are two wrong samples, not the answer and a wrong one
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+def test_rl_trains_only_the_final_norm(algorithm):
+    config = Config.preset("smoke", rl_epochs=1)
+    tokenizer = WordTokenizer(config.max_value)
+    rl_config = config.rl_config(algorithm, 0.1)
+    trainer = prompt_rl.make_trainer(build_model(tokenizer, config), rl_config, make_optimizer(
+        OptimConfig(learning_rate=0.1)), trainable=RL_TRAINABLE[config.rl_trainable])
+    state = trainer.init()
+    before = nnx.state(prompt_rl.policy_lm(trainer.model(state)), nnx.Param)
+    before = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+              jax.tree_util.tree_leaves_with_path(before)}
+    prompts = [prompt_ids(tokenizer, p, 0) for p in
+               sample_problems(np.random.default_rng(0), 4, config.task)]
+    lengths = lambda _, responses: np.array([len(r) for r in responses], np.float32)
+    state, _, _ = prompt_rl.iteration(trainer, state, trainer.model(trainer.init()), prompts,
+                                      lengths, jax.random.key(0), 0.1, rl_config)
+    after = nnx.state(prompt_rl.policy_lm(trainer.model(state)), nnx.Param)
+    changed = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(after)
+               if not np.array_equal(np.asarray(v), before[jax.tree_util.keystr(k)])}
+    assert changed == {"['norm']['weight'].value"}, changed
+
+
 def test_cli_errors():
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tpu"])
@@ -111,6 +137,8 @@ def test_cli_errors():
         Config(kl_coefs=())
     with pytest.raises(ValueError, match="max_terms .* must be >= min_terms"):
         parse_args(["--min-terms", "9", "--max-terms", "6"])
+    with pytest.raises(ValueError, match="--rl-trainable must be one of final_norm, all"):
+        parse_args(["--rl-trainable", "lora"])
     with pytest.raises(ValueError, match="--rm-kind must be one of"):
         parse_args(["--rm-kind", "oracle"])
     with pytest.raises(ValueError, match="--rm-policy-fraction must be in"):
