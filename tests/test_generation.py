@@ -171,26 +171,18 @@ def test_grouped_prefill_equals_one_batch(model):
                                    np.asarray(outputs[2].prompt_hidden), atol=1e-5)
 
 
-def test_generate_groups_prompts_by_length(model):
-    prompts = random_prompts([4, 90, 6, 80], model.config.vocab_size, seed=23)
-    sampling = SamplingConfig(6, greedy=True)
+# The second case fills the 48-slot cache exactly (32 prompt + 16 new tokens): the grouped
+# prefill's one-token tail must not count as a bucket of 16 ("needs 63 cache slots").
+@pytest.mark.parametrize("lengths, new_tokens", [([4, 90, 6, 80], 6), ([4, 6, 32, 30], 16)])
+def test_generate_groups_prompts_by_length(model, lengths, new_tokens):
+    prompts = random_prompts(lengths, model.config.vocab_size, seed=23)
+    sampling = SamplingConfig(new_tokens, greedy=True)
     grouped = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=2)
     whole = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=4)
     np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(whole.tokens))
     np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(whole.logprobs),
                                atol=1e-5)
-    assert len(padding.length_groups([4, 90, 6, 80], 2)) == 2  # the grouped path ran
-
-
-def test_grouped_generate_fills_the_cache_to_its_last_slot(model):
-    # 32 prompt tokens + 16 new ones fill the 48-slot cache exactly; the grouped prefill's
-    # one-token tail must not count as a bucket of 16 (it raised "needs 63 cache slots").
-    prompts = random_prompts([4, 6, 32, 30], model.config.vocab_size, seed=29)
-    sampling = SamplingConfig(16, greedy=True)
-    grouped = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=2)
-    whole = generate(model, *pad_right(prompts), jax.random.key(0), sampling, group_rows=4)
-    np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(whole.tokens))
-    assert len(padding.length_groups([4, 6, 32, 30], 2)) == 2  # the grouped path ran
+    assert len(padding.length_groups(lengths, 2)) == 2  # the grouped path ran
 
 
 def test_left_padding_in_generate(model):
