@@ -16,6 +16,8 @@ Reported: seconds per game step over the first and the last --window steps (ours
 after a warm-up pass of the same steps, so no compile is timed; a step of re-prefill that
 compiled is timed again), compiled programs, peak RSS (each engine in its own subprocess), and
 how far each engine's candidate scores of game 0's last step are from the first engine's.
+Each engine's result is saved to --out as it finishes; a rerun with the same settings skips the
+engines saved there, so an interrupted run loses only the engine it was in.
 """
 
 from __future__ import annotations
@@ -183,6 +185,8 @@ def main() -> None:
                         help="steps timed at the start and at the end of the games")
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--seed", type=int, default=0, help="of the random policy")
+    parser.add_argument("--out", default="runs/benchmarks/play.json",
+                        help="engine results, saved as each finishes and reused by a rerun")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--states", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,13 +194,22 @@ def main() -> None:
         return child(args)
     if args.games < 1 or not 1 <= args.window <= args.steps // 2:
         parser.error("--games must be >= 1 and --window in [1, --steps / 2]")
+    settings = dict(games=args.games, steps=args.steps, window=args.window, seed=args.seed)
+    saved = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            saved = json.load(f)
+    results = saved.get("results", {}) if saved.get("settings") == settings else {}
     states = record_states(args.games, args.steps, args.seed)
-    results = {}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "states.json")
         with open(path, "w") as f:
             json.dump(states, f)
         for engine in args.engines:
+            if engine in results:
+                print(f"{engine}: saved in {args.out}", flush=True)
+                continue
             print(f"running {engine} ...", flush=True)
             out = subprocess.run([sys.executable, "-m", "benchmarks.play", "--engine", engine,
                                   "--states", path, "--window", str(args.window)],
@@ -205,7 +218,9 @@ def main() -> None:
             if line is None:
                 raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
             results[engine] = json.loads(line[len("RESULT "):])
-    report(results, args, states["final_history"])
+            with open(args.out, "w") as f:
+                json.dump(dict(settings=settings, results=results), f)
+    report({e: results[e] for e in args.engines}, args, states["final_history"])
 
 
 def report(results: dict, args, final_history: int) -> None:
