@@ -16,8 +16,9 @@ Reported: seconds per game step over the first and the last --window steps (ours
 after a warm-up pass of the same steps, so no compile is timed; a step of re-prefill that
 compiled is timed again), compiled programs, peak RSS (each engine in its own subprocess), and
 how far each engine's candidate scores of game 0's last step are from the first engine's.
-Each engine's result is saved to --out as it finishes; a rerun with the same settings skips the
-engines saved there, so an interrupted run loses only the engine it was in.
+Each engine's result is saved to --out (keyed by games, steps, window and seed) as it finishes;
+a rerun with the same settings skips the engines saved there, so an interrupted run loses only
+the engine it was in.
 """
 
 from __future__ import annotations
@@ -194,14 +195,21 @@ def main() -> None:
         return child(args)
     if args.games < 1 or not 1 <= args.window <= args.steps // 2:
         parser.error("--games must be >= 1 and --window in [1, --steps / 2]")
-    settings = dict(games=args.games, steps=args.steps, window=args.window, seed=args.seed)
+    # One entry per setting in --out: a run with other settings never overwrites saved ones.
+    setting = f"games={args.games} steps={args.steps} window={args.window} seed={args.seed}"
     saved = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            saved = json.load(f)
-    results = saved.get("results", {}) if saved.get("settings") == settings else {}
+    try:
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except (OSError, ValueError) as error:
+        parser.error(f"--out {args.out}: not a results file of this benchmark ({error})")
+    results = saved.setdefault(setting, {})
     states = record_states(args.games, args.steps, args.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "states.json")
         with open(path, "w") as f:
@@ -219,7 +227,7 @@ def main() -> None:
                 raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
             results[engine] = json.loads(line[len("RESULT "):])
             with open(args.out, "w") as f:
-                json.dump(dict(settings=settings, results=results), f)
+                json.dump(saved, f, indent=1)
     report({e: results[e] for e in args.engines}, args, states["final_history"])
 
 

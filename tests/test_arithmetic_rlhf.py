@@ -83,8 +83,6 @@ def test_credit_counts_the_leading_tokens_right():
 
 
 def test_ranked_pairs_prefer_the_sample_with_more_credit():
-    import jax
-
     config = Config.preset("smoke")
     tokenizer = WordTokenizer(config.max_value)
     policy = build_model(tokenizer, config)  # untrained: its samples are wrong, in many ways
