@@ -172,6 +172,16 @@ def test_prefix_only_grows_without_max_history():
     assert after[:len(before)] == before and len(after) == len(before) + 2
 
 
+def test_close_waits_for_every_engine():
+    # An engine's __del__ closes it again and writes to its JVM while the JVM is alive (a
+    # BrokenPipeError on stderr when it is exiting): close() must leave no JVM alive.
+    batch = TextWorldBatch(GameConfig(step_limit=2), 3)
+    batch.reset([0, 1, 2], "test")
+    processes = [env._gateway.java_process for env in batch._envs]
+    batch.close()
+    assert all(p.poll() is not None for p in processes)
+
+
 def test_bad_game_inputs():
     with pytest.raises(ValueError, match="unknown game 'zork'"):
         GameConfig(game_name="zork")

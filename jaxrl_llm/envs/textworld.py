@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -142,6 +143,21 @@ def _make_env(config: GameConfig):
     return env
 
 
+def _close_env(env) -> None:
+    """Close an engine and wait for its JVM to exit.
+
+    The engine's `__del__` closes it again and writes to the JVM's stdin while the process is
+    alive: waiting here makes that second close a no-op instead of a BrokenPipeError on stderr.
+    """
+    env.close()
+    process = env._gateway.java_process
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class TextWorldBatch:
     """N games stepped in lockstep, one engine (JVM) per game.
 
@@ -239,14 +255,14 @@ class TextWorldBatch:
 
     def _restart(self, index: int) -> None:
         try:
-            self._envs[index].close()
+            _close_env(self._envs[index])
         except Exception:  # the engine is already gone: nothing left to close
             pass
         self._envs[index] = _make_env(self.config)
 
     def close(self) -> None:
         for env in self._envs:
-            env.close()
+            _close_env(env)
         self._envs = []
         self._pool.shutdown()
 
