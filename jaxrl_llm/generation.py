@@ -166,39 +166,35 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=2)
-def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, keep, segment, offset,
-               key_width: int):
+@functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=2)
+def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, keep, position,
+               parent, end, key_width: int):
     """Rows `rows [G]` of `state`: each feeds its packed row (`padding.pack_candidates`: prefix,
-    then candidates) in one forward; the first `keep [G]` prefix tokens join its history."""
+    then the candidates' prefix tree) in one forward; the first `keep [G]` prefix tokens join
+    its history. Returns each tree node's summed log-prob along its path `[G, W]`."""
     model = nnx.merge(graphdef, params)
     group = _take_rows(state, rows, key_width)
     lengths = group.lengths
     index = jnp.arange(tokens.shape[1])[None]  # [1, W]
-    in_prefix = index < n_prefix[:, None]  # [G, W]
-    # Flat token i goes to slot lengths + i. Its RoPE position is lengths + i in the prefix, and
-    # lengths + n_prefix + offset[i] in a candidate: each candidate is scored as if it were the
-    # only continuation. A prefix token sees the history and the prefix up to itself; a
-    # candidate token also sees the tokens of its own candidate up to itself.
-    positions = lengths[:, None] + jnp.where(in_prefix, index, n_prefix[:, None] + offset)
-    start = jnp.where(in_prefix, 0, index - offset)[..., None]  # [G, W, 1] own candidate's start
-    relative = jnp.arange(key_width)[None, None, :] - lengths[:, None, None]  # [G, 1, S]
-    attn_mask = (relative < 0) | ((relative <= index[..., None])
-                                  & ((relative < n_prefix[:, None, None]) | (relative >= start)))
+    # Flat token i goes to slot lengths + i, at RoPE position lengths + position[i] (a tree
+    # node's depth after the prefix: each candidate is scored as if it were the only
+    # continuation). Token i sees the history and every new token j <= i whose subtree holds
+    # it (i < end[j]): the prefix up to itself, and its own ancestors in the tree.
+    positions = lengths[:, None] + position
+    relative = jnp.arange(key_width)[None, :] - lengths[:, None]  # [G, S]
+    key_end = jnp.take_along_axis(end, jnp.clip(relative, 0, tokens.shape[1] - 1), axis=1)
+    attn_mask = (relative[:, None] < 0) | ((relative[:, None] <= index[..., None])
+                                           & (index[..., None] < key_end[:, None]))
     hidden, cache = model.hidden_states(tokens, positions, attn_mask, group.cache)
     decision = jnp.take_along_axis(hidden, (n_prefix - 1)[:, None, None], axis=1)  # [G, 1, D]
-    # A candidate's first token is predicted by the last prefix token, token i by token i-1.
-    previous = jnp.concatenate([decision, hidden[:, :-1]], axis=1)
-    predicting = jnp.where((offset == 0)[..., None], decision, previous)
+    predicting = jnp.take_along_axis(hidden, parent[..., None], axis=1)
     logprobs = token_logprobs(model.logits(predicting), tokens)
-    # Summed per candidate into W slots (there are at most W candidates), so that the number of
-    # candidates is not a static shape; prefix and padding (segment -1) are dropped.
-    width = tokens.shape[1]
-    scores = jnp.zeros(tokens.shape, jnp.float32).at[
-        jnp.arange(len(rows))[:, None], jnp.where(segment < 0, width, segment)].add(
-        logprobs, mode="drop")
+    # A node's path sum adds the log-probs of its tree ancestors (prefix tokens left out).
+    ancestor = ((index[..., None] >= index[:, None, :]) & (index[..., None] < end[:, None])
+                & (index >= n_prefix[:, None])[:, None])  # [G, W, W]: i is in j's subtree
+    paths = jnp.einsum("gij,gj->gi", ancestor.astype(logprobs.dtype), logprobs)
     state = _put_rows(state, rows, DecodeState(cache=cache, lengths=lengths + keep), key_width)
-    return (scores, decision[:, 0]), state
+    return (paths, decision[:, 0]), state
 
 
 def _check_fits(slots: int, max_len: int) -> None:
@@ -289,7 +285,8 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
 
     This is how an agent picks among valid actions: every candidate is scored against the
     cached history without copying the cache per candidate, and tail and candidates are packed
-    end to end in one row (`padding.pack_candidates`) so padding costs no compute. A step's new
+    in one row, the candidates as a prefix tree (`padding.pack_candidates`), so neither padding
+    nor the leading tokens candidates share cost compute. A step's new
     history text can lead the tail (`keep`): it is prefilled in the same call.
 
     Args:
@@ -324,8 +321,8 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
                          f"{rows.tolist()}")
     check_tokens(np.where(candidate_mask, candidates, 0), model.config.vocab_size)
     check_tokens(np.where(tail_mask, tail_tokens, 0), model.config.vocab_size)
-    tokens, n_prefix, segment, offset = pack_candidates(tail_tokens, tail_mask, candidates,
-                                                        candidate_mask)
+    packed = pack_candidates(tail_tokens, tail_mask, candidates, candidate_mask)
+    tokens, n_prefix = packed.tokens, packed.n_prefix
     keep = np.zeros(len(rows), np.int32) if keep is None else np.asarray(keep, np.int32)
     if keep.shape != (len(rows),) or np.any(keep < 0) or np.any(keep > n_prefix):
         raise ValueError(f"keep must be [G] counts within each row's tail, got {keep.tolist()} "
@@ -336,17 +333,16 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
     # cost no compute, and a run compiles few programs.
     group = min(1 << (len(rows) - 1).bit_length(), batch)
     fill = lambda x: np.concatenate([x, np.repeat(x[-1:], group - len(rows), axis=0)])
-    arrays = [fill(x) for x in (rows, tokens, n_prefix, keep, segment, offset)]
+    arrays = [fill(x) for x in (rows, tokens, n_prefix, keep, packed.position, packed.parent,
+                                packed.end)]
     # Copies of a row are computed alike, so writing them back agrees.
     graphdef, params = nnx.split(model)
-    (sums, hidden), state = _score_jit(graphdef, params, state,
-                                       *place_like(state.lengths, *arrays),
-                                       min(bucket_length(used), state.cache.max_len))
-    sums, hidden = sums[:len(rows)], hidden[:len(rows)]
-    # Scores sit in the dense slots of the non-empty candidates: mapped back to their columns.
-    nonempty = candidate_mask.any(-1)  # [G, C]
-    slot = np.maximum(np.cumsum(nonempty, axis=1) - 1, 0)
-    scores = jnp.where(nonempty, jnp.take_along_axis(sums, jnp.asarray(slot), axis=1), 0.0)
+    (paths, hidden), state = _score_jit(graphdef, params, state,
+                                        *place_like(state.lengths, *arrays),
+                                        min(bucket_length(used), state.cache.max_len))
+    paths, hidden = paths[:len(rows)], hidden[:len(rows)]
+    leaf = jnp.asarray(packed.leaf)
+    scores = jnp.where(leaf >= 0, jnp.take_along_axis(paths, jnp.maximum(leaf, 0), axis=1), 0.0)
     return (scores, hidden), state
 
 

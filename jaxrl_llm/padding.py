@@ -2,12 +2,13 @@
 
 Widths are bucketed (`bucket_length`) so a run compiles a handful of programs, not one per
 length; rows of very different lengths can be batched in groups (`length_groups`); candidate
-continuations are packed end to end (`pack_candidates`) so their padding costs no compute.
+continuations are packed as a prefix tree (`pack_candidates`) so neither their padding nor
+their shared leading tokens cost compute.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -84,40 +85,90 @@ def pad_candidates(candidates: Sequence[Sequence[Sequence[int]]]
     return tokens, mask
 
 
-def pack_candidates(prefix, prefix_mask, candidates, candidate_mask
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A prefix and its candidate continuations, end to end in one bucketed `[B, W]` row.
+class PackedCandidates(NamedTuple):
+    """A prefix and its candidates' prefix tree, in one bucketed `[B, W]` row each (int32)."""
+    tokens: np.ndarray  # [B, W] prefix ids, then the tree's nodes in depth-first order
+    n_prefix: np.ndarray  # [B] real prefix tokens
+    position: np.ndarray  # [B, W] RoPE offset: i in the prefix, n_prefix + depth in the tree
+    parent: np.ndarray  # [B, W] the token whose hidden state predicts this one
+    end: np.ndarray  # [B, W] token j is seen by tokens j..end[j]-1 (its subtree; W in the prefix)
+    leaf: np.ndarray  # [B, C] each candidate's last node (-1: an empty candidate)
 
-    Row b holds its `n_prefix[b]` prefix tokens, then every non-empty candidate's tokens, then
-    padding. Packing skips the padding of short candidates (a TextWorld step has 20-50 valid
-    actions of 2-12 tokens), and one bucketed width W keeps the compiled programs few however
-    the prefix, the number of candidates and their lengths vary.
+
+def pack_candidates(prefix, prefix_mask, candidates, candidate_mask) -> PackedCandidates:
+    """A prefix and its candidate continuations as a prefix tree, in one bucketed `[B, W]` row.
+
+    Row b holds its `n_prefix[b]` prefix tokens, then one node per distinct candidate prefix,
+    in depth-first order, then padding. Candidates that share leading tokens (a TextWorld
+    step's 20-50 valid actions: "take ...", "open ...") share their nodes, so a shared token is
+    computed once; padding costs nothing; and one bucketed width W keeps the compiled programs
+    few however the prefix, the number of candidates and their lengths vary. A node sees the
+    prefix and its ancestors, so each candidate is scored as if it were the only continuation,
+    and its summed log-prob is the sum over the nodes on its path (`leaf`).
 
     Args:
       prefix: `[B, T]` right-padded ids (>= 1 real token per row); prefix_mask: `[B, T]` bool.
       candidates: `[B, C, L]` right-padded candidate ids; candidate_mask: `[B, C, L]` bool (an
         all-False candidate is left out).
-    Returns:
-      `(tokens [B, W], n_prefix [B], segment [B, W], offset [B, W])`, int32: segment numbers
-      each row's non-empty candidates densely (0, 1, ...; -1 on prefix and padding), offset is
-      a token's index within its candidate (within the prefix, for prefix tokens).
     """
     prefix, prefix_mask = np.asarray(prefix), np.asarray(prefix_mask, bool)
+    candidates, candidate_mask = np.asarray(candidates), np.asarray(candidate_mask, bool)
     n_prefix = prefix_mask.sum(1).astype(np.int32)
-    lengths = candidate_mask.sum(-1)  # [B, C]
     for mask, what in ((prefix_mask, "prefix"), (candidate_mask, "candidates")):
         if np.any(mask != (np.arange(mask.shape[-1]) < mask.sum(-1)[..., None])):
             raise ValueError(f"{what} must be right-padded (each row's real tokens first)")
     if np.any(n_prefix == 0):
         raise ValueError("every row needs at least one prefix token to condition on")
-    width = bucket_length(int((n_prefix + lengths.sum(1)).max()))
-    tokens, segment, offset = (np.zeros((len(lengths), width), np.int32) for _ in range(3))
-    segment[:] = -1
-    for b, row in enumerate(lengths):
-        k, row = int(n_prefix[b]), row[row > 0]
-        n = int(row.sum())
-        tokens[b, :k], offset[b, :k] = prefix[b, :k], np.arange(k)
-        tokens[b, k:k + n] = candidates[b][candidate_mask[b]]
-        segment[b, k:k + n] = np.repeat(np.arange(len(row)), row)
-        offset[b, k:k + n] = np.arange(n) - np.repeat(np.cumsum(row) - row, row)
-    return tokens, n_prefix, segment, offset
+    trees = [_prefix_tree(candidates[b], candidate_mask[b]) for b in range(len(n_prefix))]
+    width = bucket_length(int(max(k + len(t[0]) for k, t in zip(n_prefix, trees))))
+    shape = (len(n_prefix), width)
+    tokens, position, parent = (np.zeros(shape, np.int32) for _ in range(3))
+    end = np.broadcast_to(np.arange(width, dtype=np.int32), shape).copy()  # padding: unseen
+    leaf = np.full(candidate_mask.shape[:2], -1, np.int32)
+    for b, (k, (ids, depth, up, size, last)) in enumerate(zip(n_prefix, trees)):
+        n = len(ids)
+        tokens[b, :k], position[b, :k] = prefix[b, :k], np.arange(k)
+        parent[b, :k], end[b, :k] = np.maximum(np.arange(k) - 1, 0), width
+        # Tree node i sits at k + i; a root (up = -1) is predicted by the last prefix token.
+        tokens[b, k:k + n], position[b, k:k + n] = ids, k + depth
+        parent[b, k:k + n], end[b, k:k + n] = k + up, k + np.arange(n) + size
+        leaf[b] = np.where(last >= 0, k + last, -1)
+    return PackedCandidates(tokens, n_prefix, position, parent, end, leaf)
+
+
+def _prefix_tree(candidates: np.ndarray, mask: np.ndarray):
+    """The prefix tree of one row's candidates `[C, L]`, nodes in depth-first order.
+
+    Returns `(ids, depth, parent, size, last)`: per node its token, depth, parent node (-1 for a
+    root) and subtree size; per candidate its last node (-1 when empty).
+    """
+    children: list[dict[int, int]] = [{}]  # node 0 is a virtual root above the real roots
+    token, up = [0], [0]
+    last = np.full(len(candidates), -1, np.int64)
+    for c in range(len(candidates)):
+        node = 0
+        for t in candidates[c][mask[c]].tolist():
+            if t not in children[node]:
+                children[node][t] = len(token)
+                children.append({})
+                token.append(t)
+                up.append(node)
+            node = children[node][t]
+        last[c] = node if node else -1
+    order, stack = [], list(reversed(children[0].values()))
+    while stack:  # depth-first, children in the order their candidates first appeared
+        node = stack.pop()
+        order.append(node)
+        stack.extend(reversed(children[node].values()))
+    rank = np.zeros(len(token), np.int64)
+    rank[order] = np.arange(len(order))
+    depth, size = np.zeros(len(token), np.int64), np.ones(len(token), np.int64)
+    for node in order:
+        depth[node] = depth[up[node]] + 1 if up[node] else 0
+    for node in reversed(order):
+        if up[node]:
+            size[up[node]] += size[node]
+    order = np.asarray(order, np.int64)
+    parents = np.asarray(up)[order]
+    return (np.asarray(token)[order], depth[order], np.where(parents > 0, rank[parents], -1),
+            size[order], np.where(last >= 0, rank[np.maximum(last, 0)], -1))

@@ -294,6 +294,21 @@ def test_real_model_greedy_equals_transformers(smollm2, smollm2_torch):
         np.testing.assert_array_equal(ours, ref[0, len(prompt):].numpy())
 
 
+def test_pack_candidates_shares_leading_tokens():
+    prefix = pad_right([[5, 6], [7]])
+    packed = padding.pack_candidates(*prefix, *pad_candidates(
+        [[[1, 2], [1, 2, 3], [4], [1, 9]], [[8], [8], []]]))
+    # Row 0: prefix 5 6, then the tree 1 -> (2 -> 3, 9), 4 in depth-first order.
+    assert packed.tokens.shape == (2, 16)
+    np.testing.assert_array_equal(packed.tokens[0, :7], [5, 6, 1, 2, 3, 9, 4])
+    np.testing.assert_array_equal(packed.position[0, :7], [0, 1, 2, 3, 4, 3, 2])
+    np.testing.assert_array_equal(packed.parent[0, 2:7], [1, 2, 3, 2, 1])
+    np.testing.assert_array_equal(packed.end[0, :8], [16, 16, 6, 5, 5, 6, 7, 7])
+    np.testing.assert_array_equal(packed.leaf, [[3, 4, 6, 5], [1, 1, -1, -1]])
+    np.testing.assert_array_equal(packed.tokens[1, :2], [7, 8])
+    assert not packed.tokens[1, 2:].any()
+
+
 def test_score_continuations_equals_separate_forwards(model):
     from jaxrl_llm.generation import compile_count, score_continuations
 
@@ -302,6 +317,12 @@ def test_score_continuations_equals_separate_forwards(model):
     tail = random_prompts([3, 5], vocab, seed=21)
     candidates = [random_prompts([2, 4, 1], vocab, seed=22),
                   random_prompts([3, 1, 2, 4], vocab, 23)]
+    # Shared leading tokens share prefix-tree nodes: a candidate that is another's prefix ends
+    # inside its path, a duplicate ends on the same node, and branches must not see each other.
+    candidates[0][1][:2] = candidates[0][0]
+    candidates[0][2] = candidates[0][0][:1] + random_prompts([2], vocab, seed=24)[0]
+    candidates[1][1] = list(candidates[1][0])
+    candidates[1][3][:2] = candidates[1][0][:2]
     cand = np.zeros((2, 4, 5), np.int32)  # row 0's 4th candidate is empty, L has spare padding
     cand_mask = np.zeros((2, 4, 5), bool)
     for b in range(2):
@@ -325,10 +346,11 @@ def test_score_continuations_equals_separate_forwards(model):
     np.testing.assert_allclose(np.asarray(again), np.asarray(scores)[:, :3], rtol=1e-5, atol=1e-6)
     assert compile_count() == programs
     # Nor is the number of candidates a static shape: 3 candidates of 7 tokens and 20 of one
-    # token pack into the same 24-token bucket and share one program.
+    # token pack into the same 32-token bucket and share one program.
     programs = compile_count()
     for count, length in [(3, 7), (20, 1)]:
-        many = np.ones((2, count, length), np.int32)
+        many = np.arange(3, 3 + count * length, dtype=np.int32).reshape(1, count, length)
+        many = np.repeat(many, 2, axis=0)
         _, state = score_continuations(model, state, *pad_right(tail), many, many.astype(bool))
     assert compile_count() == programs + 1
     # Empty candidates anywhere, more of them than packed slots: the others keep their scores.
