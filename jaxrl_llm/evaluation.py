@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxrl_llm.agent import TOKEN_FIELDS, Transition
 from jaxrl_llm.envs.textworld import Episode, GameConfig, TextWorldBatch, missed_ingredient
+from jaxrl_llm.generation import compile_count
 
 PlayChunk = Callable[[TextWorldBatch, list[int], Callable[[list[Episode]], None]],
                      tuple[list[Episode], list[Transition]]]
@@ -56,9 +57,13 @@ def evaluate_policy(play_chunk: PlayChunk, num_games: int, num_envs: int, step_l
     with TextWorldBatch(GameConfig(step_limit=limit), num_envs, workers=workers) as games, \
             tqdm(total=num_games * limit, initial=(len(starts) - len(todo)) * num_envs * limit,
                  desc=f"{label} limit {limit}", unit="step") as bar:
+        def on_step(_):
+            # Programs compiled by play so far: it should stop growing after the first steps.
+            bar.set_postfix(programs=compile_count(), refresh=False)
+            bar.update(num_envs)
+
         for start in todo:
-            chunks[start] = play_chunk(games, list(range(start, start + num_envs)),
-                                       lambda _: bar.update(num_envs))
+            chunks[start] = play_chunk(games, list(range(start, start + num_envs)), on_step)
             if record:
                 _append_chunk(record, header, start, *chunks[start])
     episodes = [e for start in starts for e in chunks[start][0]]
