@@ -125,13 +125,13 @@ def pack_candidates(prefix, prefix_mask, candidates, candidate_mask) -> PackedCa
     tokens, position, parent = (np.zeros(shape, np.int32) for _ in range(3))
     end = np.broadcast_to(np.arange(width, dtype=np.int32), shape).copy()  # padding: unseen
     leaf = np.full(candidate_mask.shape[:2], -1, np.int32)
-    for b, (k, (ids, depth, up, size, last)) in enumerate(zip(n_prefix, trees)):
+    for b, (k, (ids, depth, up, subtree_end, last)) in enumerate(zip(n_prefix, trees)):
         n = len(ids)
         tokens[b, :k], position[b, :k] = prefix[b, :k], np.arange(k)
         parent[b, :k], end[b, :k] = np.maximum(np.arange(k) - 1, 0), width
         # Tree node i sits at k + i; a root (up = -1) is predicted by the last prefix token.
         tokens[b, k:k + n], position[b, k:k + n] = ids, k + depth
-        parent[b, k:k + n], end[b, k:k + n] = k + up, k + np.arange(n) + size
+        parent[b, k:k + n], end[b, k:k + n] = k + up, k + subtree_end
         leaf[b] = np.where(last >= 0, k + last, -1)
     return PackedCandidates(tokens, n_prefix, position, parent, end, leaf)
 
@@ -139,36 +139,24 @@ def pack_candidates(prefix, prefix_mask, candidates, candidate_mask) -> PackedCa
 def _prefix_tree(candidates: np.ndarray, mask: np.ndarray):
     """The prefix tree of one row's candidates `[C, L]`, nodes in depth-first order.
 
-    Returns `(ids, depth, parent, size, last)`: per node its token, depth, parent node (-1 for a
-    root) and subtree size; per candidate its last node (-1 when empty).
+    Returns `(ids, depth, parent, end, last)`: per node its token, depth, parent node (-1 for a
+    root) and the node after its subtree; per candidate its last node (-1 when empty).
     """
-    children: list[dict[int, int]] = [{}]  # node 0 is a virtual root above the real roots
-    token, up = [0], [0]
-    last = np.full(len(candidates), -1, np.int64)
-    for c in range(len(candidates)):
-        node = 0
-        for t in candidates[c][mask[c]].tolist():
-            if t not in children[node]:
-                children[node][t] = len(token)
-                children.append({})
-                token.append(t)
-                up.append(node)
-            node = children[node][t]
-        last[c] = node if node else -1
-    order, stack = [], list(reversed(children[0].values()))
-    while stack:  # depth-first, children in the order their candidates first appeared
-        node = stack.pop()
-        order.append(node)
-        stack.extend(reversed(children[node].values()))
-    rank = np.zeros(len(token), np.int64)
-    rank[order] = np.arange(len(order))
-    depth, size = np.zeros(len(token), np.int64), np.ones(len(token), np.int64)
-    for node in order:
-        depth[node] = depth[up[node]] + 1 if up[node] else 0
-    for node in reversed(order):
-        if up[node]:
-            size[up[node]] += size[node]
-    order = np.asarray(order, np.int64)
-    parents = np.asarray(up)[order]
-    return (np.asarray(token)[order], depth[order], np.where(parents > 0, rank[parents], -1),
-            size[order], np.where(last >= 0, rank[np.maximum(last, 0)], -1))
+    sequences = [tuple(candidates[c][mask[c]].tolist()) for c in range(len(candidates))]
+    # Inserted in lexicographic order, the sequences sharing a prefix come in one run, so the
+    # nodes are made in depth-first order and each subtree is a contiguous range.
+    node_of: dict[tuple[int, ...], int] = {}
+    ids, depth, parent = [], [], []
+    for sequence in sorted(set(sequences)):
+        for d in range(len(sequence)):
+            if sequence[:d + 1] not in node_of:
+                node_of[sequence[:d + 1]] = len(ids)
+                ids.append(sequence[d])
+                depth.append(d)
+                parent.append(node_of.get(sequence[:d], -1))
+    end = np.arange(1, len(ids) + 1)
+    for node in reversed(range(len(ids))):  # children come after their parent
+        if parent[node] >= 0:
+            end[parent[node]] = max(end[parent[node]], end[node])
+    return (np.asarray(ids, np.int64), np.asarray(depth, np.int64), np.asarray(parent, np.int64),
+            end, np.asarray([node_of.get(seq, -1) for seq in sequences], np.int64))
