@@ -43,6 +43,8 @@ def save_peft_adapter(path: str, model: Transformer, lora_config: LoraConfig,
                   target_modules=sorted(lora_config.targets), bias="none",
                   fan_in_fan_out=False, inference_mode=True, use_rslora=False,
                   base_model_name_or_path=base_model_name_or_path)
+    if lora_config.layers is not None:
+        config["layers_to_transform"] = list(lora_config.layers)
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

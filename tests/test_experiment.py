@@ -145,6 +145,10 @@ def test_cli_errors():
         parse_args(["--quantize", "int4"])
     with pytest.raises(ValueError, match="--seed must be >= 0"):
         parse_args(["--seed", "-5"])
+    with pytest.raises(ValueError, match="--lora-layers must be >= 0"):
+        parse_args(["--lora-layers", "-1"])
+    with pytest.raises(ValueError, match="--lora-layers 3 is more than the model's 2 layers"):
+        textworld_ppo.load_policy(Config.preset("smoke", lora_layers=3))
     with pytest.raises(ValueError, match="--dev-games and --ppo-iterations must be >= 0"):
         parse_args(["--ppo-iterations", "-1"])
     # Sub-configs are validated with the run's config, before anything loads.

@@ -17,12 +17,12 @@ from tests.test_lora import TOKENS, logits_of
 LORA = LoraConfig(rank=4, alpha=32)
 
 
-def adapted(quantize=False):
+def adapted(quantize=False, lora=LORA):
     base = Transformer(ModelConfig.tiny(tie_embeddings=False), rngs=nnx.Rngs(0))
     model = nnx.clone(base)
     if quantize:
         quantize_model(model, embeddings=True)  # lm_head stays int8: no adapter on it
-    apply_lora(model, LORA, nnx.Rngs(1))
+    apply_lora(model, lora, nnx.Rngs(1))
     for i, layer in enumerate(lora_layers(model).values()):  # make the adapters matter
         layer.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
     return base, model
@@ -33,12 +33,14 @@ def torch_logits(model):
         return model(input_ids=torch.as_tensor(TOKENS)).logits.float().numpy()
 
 
-def test_peft_loads_our_adapters(tmp_path):
+@pytest.mark.parametrize("lora", [LORA, LoraConfig.top_layers(1, 2, rank=4, alpha=32)],
+                         ids=["all_layers", "top_layer"])
+def test_peft_loads_our_adapters(tmp_path, lora):
     import peft
 
-    base, model = adapted()
+    base, model = adapted(lora=lora)
     save_hf_dir(str(tmp_path / "base"), base.config, base)
-    save_peft_adapter(str(tmp_path / "adapter"), model, LORA)
+    save_peft_adapter(str(tmp_path / "adapter"), model, lora)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"),
                                                            dtype=torch.float32)
     peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()

@@ -184,6 +184,32 @@ def test_remat_shrinks_the_train_step_temporaries():
     assert temp[True] < 0.6 * temp[False], temp
 
 
+def test_top_layers_adapt_only_those_layers_and_only_they_train():
+    model = apply_lora(tiny(num_layers=4), LoraConfig.top_layers(2, 4), nnx.Rngs(1))
+    assert {path.split(".")[1] for path in lora_layers(model)} == {"2", "3"}
+    assert len(lora_layers(model)) == 2 * len(LoraConfig().targets)
+    trainer = Trainer(model, make_optimizer(OptimConfig(learning_rate=1e-2)), next_token_loss)
+    state = trainer.init()
+    before = jax.tree.map(np.asarray, state.trainable)
+    batch = {"tokens": jnp.asarray(TOKENS)[:, None], "mask": jnp.ones((2, 1, 24), bool)}
+    state, _ = trainer.step(state, batch)
+    # Every adapter of the top layers moved (B starts at zero: a gradient reached it).
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before,
+                         jax.tree.map(np.asarray, state.trainable))
+    assert all(jax.tree.leaves(moved))
+    assert LoraConfig.top_layers(0, 4).layers is None
+
+
+def test_bad_lora_layers():
+    for layers in ((), (-1, 2)):
+        with pytest.raises(ValueError, match=r"layers must be None \(all\) or layer indices"):
+            LoraConfig(layers=layers)
+    with pytest.raises(ValueError, match=r"top layers must be in \[0, 4\]"):
+        LoraConfig.top_layers(5, 4)
+    with pytest.raises(ValueError, match="past the model's last, 3"):
+        apply_lora(tiny(num_layers=4), LoraConfig(layers=(1, 4)), nnx.Rngs(1))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(rank=0), "rank must be >= 1"),
     (dict(alpha=0.0), "alpha must be > 0"),

@@ -32,12 +32,16 @@ class LoraConfig:
       dropout: dropout rate on the adapter's input (0 for RL: PPO ratios need a deterministic
         policy).
       targets: attribute names of the linear layers to adapt (default: all of attention + MLP).
+      layers: indices of the decoder layers to adapt (PEFT's `layers_to_transform`), None for
+        all. Adapting only the top layers makes training cheaper: the layers below them run
+        forward only, with no backward pass (`top_layers`).
     """
 
     rank: int = 4
     alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_LINEAR
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.rank < 1:
@@ -52,6 +56,20 @@ class LoraConfig:
                              f"{', '.join(ALL_LINEAR)}")
         if not self.targets:
             raise ValueError("LoraConfig.targets is empty: name at least one module")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+            if not self.layers or self.layers[0] < 0:
+                raise ValueError(f"LoraConfig.layers must be None (all) or layer indices >= 0, "
+                                 f"got {self.layers}")
+
+    @classmethod
+    def top_layers(cls, count: int, num_layers: int, **kwargs) -> "LoraConfig":
+        """Adapters on the last `count` of `num_layers` decoder layers (0: all of them)."""
+        if not 0 <= count <= num_layers:
+            raise ValueError(f"the number of adapted top layers must be in [0, {num_layers}] "
+                             f"(0: all), got {count}")
+        return cls(layers=tuple(range(num_layers - count, num_layers)) if count else None,
+                   **kwargs)
 
     @property
     def scaling(self) -> float:
@@ -95,9 +113,17 @@ class LoRALinear(nnx.Module):
 
 
 def apply_lora(model: Transformer, config: LoraConfig, rngs: nnx.Rngs) -> Transformer:
-    """Wrap every targeted linear layer of `model` (in place) in a `LoRALinear`; returns it."""
+    """Wrap every targeted linear layer of `model` (of `config.layers`) in a `LoRALinear`, in
+    place; returns it."""
+    if config.layers is not None and config.layers[-1] >= len(model.layers):
+        raise ValueError(f"LoraConfig.layers {config.layers} names layers past the model's "
+                         f"last, {len(model.layers) - 1}")
     count = 0
-    for _, module in list(nnx.iter_modules(model)):
+    for path, module in list(nnx.iter_modules(model)):
+        # Paths inside decoder layer i start with ("layers", i).
+        if config.layers is not None and (path[:1] != ("layers",) or len(path) < 2
+                                          or path[1] not in config.layers):
+            continue
         for name in config.targets:
             child = getattr(module, name, None)
             if isinstance(child, (Linear, Int8Linear)):
