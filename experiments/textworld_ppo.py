@@ -73,10 +73,10 @@ class Config:
     lora_alpha: float = 32.0  # LoRA scale alpha (the update is alpha / r * B A)
     # Adapt only the last N decoder layers (0: all): the layers below run forward only in
     # training, with no backward pass, so an SFT game costs about half as much.
-    lora_layers: int = 0
+    lora_layers: int = 8
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
     prompt_style: str = "compact"  # the step's tail: compact, notebook, inventory, recipe
-    train_games: int = 96  # gold paths of train seeds 0..N-1 for SFT
+    train_games: int = 224  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1
     eval_step_limits: tuple[int, ...] = (16, 32)  # evaluation step limits (one play, cut)
@@ -96,7 +96,7 @@ class Config:
     sft_epochs: int = 1  # passes over the SFT games
     sft_batch_size: int = 1  # games (packed) or steps (sliding history) per optimizer step
     sft_micro_batch_size: int = 1  # sequences per forward/backward (a memory knob)
-    sft_learning_rate: float = 5e-4  # AdamW peak learning rate (warmup, then linear decay)
+    sft_learning_rate: float = 4e-3  # AdamW peak learning rate (warmup, then linear decay)
     # SFT steps between resumable checkpoints (and one after each epoch's dev evaluation): a
     # killed SFT resumes from the last one, exactly. 0: only at epoch ends.
     sft_checkpoint_every: int = 8
@@ -199,7 +199,7 @@ class Config:
                           sft_batch_size=4, ppo_step_limit=4, zero_shot_eval=True,
                           run_dir="runs/smoke"),
             "cpu": {},
-            "gpu": dict(train_games=400, lora_layers=0, dev_games=32,
+            "gpu": dict(train_games=400, lora_layers=0, sft_learning_rate=5e-4, dev_games=32,
                         eval_games=128, num_envs=32,
                         sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4,
                         ppo_iterations=50, ppo_epochs=2, ppo_minibatch_size=8, env_workers=16,
@@ -458,7 +458,8 @@ def main(config: Config) -> dict:
                  title="TextWorld PPO", tensorboard=config.tensorboard)
     key = jax.random.key(config.seed)
     print(f"loading model ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}, "
-          f"{config.quantize or 'float'} base, LoRA r={config.lora_rank})", flush=True)
+          f"{config.quantize or 'float'} base, LoRA r={config.lora_rank} on "
+          f"{f'the top {config.lora_layers}' if config.lora_layers else 'all'} layers)", flush=True)
     mesh = make_mesh(MeshConfig(*config.mesh))
     model, tokenizer = load_policy(config)
     shard_model(model, mesh)
