@@ -118,11 +118,11 @@ def apply_lora(model: Transformer, config: LoraConfig, rngs: nnx.Rngs) -> Transf
     if config.layers is not None and config.layers[-1] >= len(model.layers):
         raise ValueError(f"LoraConfig.layers {config.layers} names layers past the model's "
                          f"last, {len(model.layers) - 1}")
+    # Paths inside decoder layer i start with ("layers", i).
+    adapted = None if config.layers is None else {("layers", i) for i in config.layers}
     count = 0
     for path, module in list(nnx.iter_modules(model)):
-        # Paths inside decoder layer i start with ("layers", i).
-        if config.layers is not None and (path[:1] != ("layers",) or len(path) < 2
-                                          or path[1] not in config.layers):
+        if adapted is not None and tuple(path[:2]) not in adapted:
             continue
         for name in config.targets:
             child = getattr(module, name, None)
