@@ -166,14 +166,18 @@ def _generate_jit(graphdef, params, state: DecodeState, tail, tail_mask,
     return output, DecodeState(cache=cache, lengths=state.lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 10, 11), donate_argnums=2)
 def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, keep, position,
-               parent, end, key_width: int):
+               parent, end, key_width: int, every_row: bool):
     """Rows `rows [G]` of `state`: each feeds its packed row (`padding.pack_candidates`: prefix,
     then the candidates' prefix tree) in one forward; the first `keep [G]` prefix tokens join
-    its history. Returns each tree node's summed log-prob along its path `[G, W]`."""
+    its history. Returns each tree node's summed log-prob along its path `[G, W]`.
+
+    `every_row` (rows = 0..B-1): the forward writes the state's own cache in place instead of
+    a copy of the rows' first `key_width` slots written back after (a few % of a step).
+    """
     model = nnx.merge(graphdef, params)
-    group = _take_rows(state, rows, key_width)
+    group = state if every_row else _take_rows(state, rows, key_width)
     lengths = group.lengths
     index = jnp.arange(tokens.shape[1])[None]  # [1, W]
     # Flat token i goes to slot lengths + i, at RoPE position lengths + position[i] (a tree
@@ -193,7 +197,8 @@ def _score_jit(graphdef, params, state: DecodeState, rows, tokens, n_prefix, kee
     ancestor = ((index[..., None] >= index[:, None, :]) & (index[..., None] < end[:, None])
                 & (index >= n_prefix[:, None])[:, None])  # [G, W, W]: i is in j's subtree
     paths = jnp.einsum("gij,gj->gi", ancestor.astype(logprobs.dtype), logprobs)
-    state = _put_rows(state, rows, DecodeState(cache=cache, lengths=lengths + keep), key_width)
+    group = DecodeState(cache=cache, lengths=lengths + keep)
+    state = group if every_row else _put_rows(state, rows, group, key_width)
     return (paths, decision[:, 0]), state
 
 
@@ -330,17 +335,29 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
     used = int(np.asarray(state.lengths)[rows].max()) + tokens.shape[1]
     _check_fits(used, state.cache.max_len)
     # A power-of-two number of rows (at most B), the last real one repeated: finished games
-    # cost no compute, and a run compiles few programs.
+    # cost no compute, and a run compiles few programs. Copies of a row are computed alike, so
+    # writing them back agrees. A group of every row is computed in the state's own cache:
+    # a row not scored repeats a scored row's input, keeps none of it and writes only past its
+    # own history (so only where that fits in the cache), and its output is dropped.
     group = min(1 << (len(rows) - 1).bit_length(), batch)
-    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], group - len(rows), axis=0)])
-    arrays = [fill(x) for x in (rows, tokens, n_prefix, keep, packed.position, packed.parent,
-                                packed.end)]
-    # Copies of a row are computed alike, so writing them back agrees.
+    fields = (tokens, n_prefix, keep, packed.position, packed.parent, packed.end)
+    every_row = (group == batch and
+                 int(np.asarray(state.lengths).max()) + tokens.shape[1] <= state.cache.max_len)
+    if every_row:
+        source = np.full(batch, len(rows) - 1)
+        source[rows] = np.arange(len(rows))
+        arrays = [np.arange(batch, dtype=np.int32)] + [x[source] for x in fields]
+        arrays[3] = np.where(np.isin(np.arange(batch), rows), arrays[3], 0)  # keep
+        picked = rows
+    else:
+        fill = lambda x: np.concatenate([x, np.repeat(x[-1:], group - len(rows), axis=0)])
+        arrays = [fill(x) for x in (rows, *fields)]
+        picked = np.arange(len(rows))
     graphdef, params = nnx.split(model)
     (paths, hidden), state = _score_jit(graphdef, params, state,
                                         *place_like(state.lengths, *arrays),
-                                        min(bucket_length(used), state.cache.max_len))
-    paths, hidden = paths[:len(rows)], hidden[:len(rows)]
+                                        min(bucket_length(used), state.cache.max_len), every_row)
+    paths, hidden = paths[picked], hidden[picked]
     leaf = jnp.asarray(packed.leaf)
     scores = jnp.where(leaf >= 0, jnp.take_along_axis(paths, jnp.maximum(leaf, 0), axis=1), 0.0)
     return (scores, hidden), state

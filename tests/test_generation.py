@@ -238,12 +238,47 @@ def test_score_continuations_prefills_kept_history_and_skips_other_rows(model):
     for b, kept in enumerate([history[0] + new[0], history[1], history[2] + new[2]]):
         want = reference_scores(model, kept + tail[b], cands[b])
         np.testing.assert_allclose(np.asarray(scores)[b, :len(want)], want, rtol=1e-5, atol=1e-5)
+    # Every row at once (the cache is written in place) and keeping the tails: the next step
+    # sees them as history.
+    _, state = score_continuations(model, state, *pad_right(tail), *pad_candidates(cands),
+                                   keep=[len(t) for t in tail])
+    (scores, _), state = score_continuations(model, state, *pad_right(new),
+                                             *pad_candidates(cands))
+    for b, kept in enumerate([history[0] + new[0], history[1], history[2] + new[2]]):
+        want = reference_scores(model, kept + tail[b] + new[b], cands[b])
+        np.testing.assert_allclose(np.asarray(scores)[b, :len(want)], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep must be"):
         score_continuations(model, state, *pad_right(tail), *pad_candidates(cands),
                             keep=[9, 0, 0])
     with pytest.raises(ValueError, match="distinct rows"):
         score_continuations(model, state, *pad_right(tail[:2]), *pad_candidates(cands[:2]),
                             rows=[1, 1])
+
+
+def test_scoring_most_rows_computes_every_row_in_place_and_leaves_the_rest_intact(model):
+    from jaxrl_llm.generation import score_continuations
+
+    vocab = model.config.vocab_size
+    history, new = (random_prompts(n, vocab, seed) for n, seed in
+                    (([9, 4, 30, 6], 40), ([5, 12, 3, 2], 41)))
+    cands = [random_prompts(n, vocab, 43 + b) for b, n in enumerate([[2, 3], [4, 1], [3], [2]])]
+    state = extend(model, DecodeState.empty(model.config, 4, 128), *pad_right(history))
+    # 3 of 4 rows make a full group: row 2 (the longest history) is computed as a placeholder.
+    scored = [3, 0, 1]
+    (scores, _), state = score_continuations(
+        model, state, *pad_right([new[b] for b in scored]),
+        *pad_candidates([cands[b] for b in scored]), keep=[len(new[b]) for b in scored],
+        rows=scored)
+    for i, b in enumerate(scored):
+        want = reference_scores(model, history[b] + new[b], cands[b])
+        np.testing.assert_allclose(np.asarray(scores)[i, :len(want)], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state.lengths), [9 + 5, 4 + 12, 30, 6 + 2])
+    (scores, _), state = score_continuations(model, state, *pad_right(new),
+                                             *pad_candidates(cands))
+    for b in range(4):
+        kept = history[b] + (new[b] if b != 2 else [])
+        want = reference_scores(model, kept + new[b], cands[b])
+        np.testing.assert_allclose(np.asarray(scores)[b, :len(want)], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,message", [
