@@ -257,8 +257,8 @@ def packed_scorer(model):
 def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidates: bool,
                   negatives: int | None = None, noise: float = 0.0):
     """Expert paths (`data.expert_episodes`, `noise`) of seeds 0..N-1 of `fold` as packed
-    episodes, and each learned step's gold index (leaves: the gold action, every valid action,
-    or the gold and `negatives` others)."""
+    episodes, each learned step's gold index (leaves: the gold action, every valid action, or
+    the gold and `negatives` others) and each learned step's gold verb ("take", "cook", ...)."""
     rows = expert_episodes(GameConfig(), range(num_games), fold,
                            cache_dir=os.path.join(config.run_dir, "data"), noise=noise,
                            noise_seed=config.seed)
@@ -267,23 +267,31 @@ def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidat
                               candidates, negatives, rng) for row in rows]
     episodes = [e for packed, _ in encoded for e in packed]
     # A sliding history makes one episode per step, each with its one gold index.
-    gold = [[g] for _, steps in encoded for g in steps] if config.max_history is not None \
-        else [steps for _, steps in encoded]
-    return episodes, gold
+    verbs = [[a.split()[0] for a, learned in zip(row["actions"], row["trained"]) if learned]
+             for row in rows]
+    if config.max_history is not None:
+        gold = [[g] for _, steps in encoded for g in steps]
+        verbs = [[verb] for game in verbs for verb in game]
+    else:
+        gold = [steps for _, steps in encoded]
+    return episodes, gold, verbs
 
 
 def dev_accuracy(model, tokenizer, config: Config, dev) -> dict:
-    """The early signal: how often the action-level policy's argmax is the gold action."""
-    return gold_action_accuracy(packed_scorer(model), *dev, config.temperature,
-                                config.length_norm, pad_id=tokenizer.eos_token_id)
+    """The early signal: how often the action-level policy's argmax is the gold action, overall
+    and per gold verb (a policy that has not learned to cut and cook as the recipe says loses
+    those games, however well it takes and moves)."""
+    episodes, gold, verbs = dev
+    return gold_action_accuracy(packed_scorer(model), episodes, gold, config.temperature,
+                                config.length_norm, pad_id=tokenizer.eos_token_id, groups=verbs)
 
 
 def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module, float]:
     """LoRA SFT on the expert paths (noisy with `sft_noise`) of train seeds 0..N-1; returns
     the tuned model and its training seconds."""
     choice = config.sft_loss == "choice"
-    episodes, gold = gold_episodes(tokenizer, config, "train", config.train_games, choice,
-                                   config.sft_negatives if choice else None, config.sft_noise)
+    episodes, gold, _ = gold_episodes(tokenizer, config, "train", config.train_games, choice,
+                                      config.sft_negatives if choice else None, config.sft_noise)
     dev = (gold_episodes(tokenizer, config, "dev", config.dev_games, True)
            if config.dev_games else None)
     check_episodes(episodes + (dev[0] if dev else []), model.config.max_seq_len,
@@ -344,8 +352,11 @@ def sft(model, tokenizer, config: Config, run: RunDir, mesh) -> tuple[nnx.Module
             continue
         if dev:
             accuracy = dev_accuracy(trainer.model(state), tokenizer, config, dev)
+            by_verb = ", ".join(f"{key.split('/')[1]} {accuracy[key]:.2f}"
+                                for key in accuracy if key.startswith("accuracy/"))
             bar.write(f"epoch {epoch + 1}: dev gold-action accuracy "
-                      f"{accuracy['action_accuracy']:.3f} over {accuracy['steps']} steps")
+                      f"{accuracy['action_accuracy']:.3f} over {accuracy['steps']} steps "
+                      f"({by_verb})")
             run.log(dict(stage="sft_dev", epoch=epoch, step=batches, **accuracy,
                      wall_time=time.time() - start))
         save(state, batches)

@@ -84,6 +84,11 @@ def test_smoke_run_killed_and_resumed_equals_the_run_that_never_stopped(tmp_path
     assert all(r["valid_action_rate"] == 1.0 and r["candidates"] > 1 for r in ppo)
     dev = [r for r in records if r["stage"] == "sft_dev"]
     assert dev and 0 <= dev[-1]["action_accuracy"] <= 1 and dev[-1]["steps"] > 0
+    # ... per gold verb too: the verbs' steps and hits add up to the whole.
+    verbs = [k.split("/")[1] for k in dev[-1] if k.startswith("steps/")]
+    assert "look" in verbs and sum(dev[-1][f"steps/{v}"] for v in verbs) == dev[-1]["steps"]
+    assert sum(dev[-1][f"accuracy/{v}"] * dev[-1][f"steps/{v}"] for v in verbs) == \
+        pytest.approx(dev[-1]["action_accuracy"] * dev[-1]["steps"])
 
 
 def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):

@@ -175,3 +175,22 @@ def test_choice_loss_is_the_cross_entropy_over_candidates_plus_the_gold_nll():
     assert float(count) == sum(g >= 0 for steps in gold for g in steps)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(metrics["choice_accuracy"]) == correct
+
+
+def test_gold_action_accuracy_per_group_is_counted_by_hand():
+    from types import SimpleNamespace
+
+    from jaxrl_llm.train.sft import gold_action_accuracy
+
+    # A scorer that always prefers leaf 0: a step is right iff its gold index is 0.
+    prefer_first = lambda batch: SimpleNamespace(scores=np.where(
+        batch["leaf_lengths"] > 0, -np.arange(batch["leaf_lengths"].shape[-1]), -1e9))
+    episodes = [pack_episode([[1, 2], [3]], [[4], [5]], [[[6], [7]], [[8], [9], [10]]]),
+                pack_episode([[1]], [[4]], [[[6], [7]]])]
+    gold, verbs = [[0, 2], [0]], [["take", "cook"], ["cook"]]
+    result = gold_action_accuracy(prefer_first, episodes, gold, groups=verbs)
+    assert result["action_accuracy"] == pytest.approx(2 / 3) and result["steps"] == 3
+    assert (result["accuracy/take"], result["steps/take"]) == (1.0, 1)
+    assert (result["accuracy/cook"], result["steps/cook"]) == (0.5, 2)
+    assert not any(k.startswith("accuracy/") for k in gold_action_accuracy(
+        prefer_first, episodes, gold))

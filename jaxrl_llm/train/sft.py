@@ -142,35 +142,49 @@ def episode_batches(episodes: Sequence[PackedEpisode], config: SFTConfig, epoch:
 
 def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequence[Sequence[int]],
                          temperature: float = 1.0, length_norm: bool = False,
-                         pad_id: int = 0) -> dict[str, float]:
+                         pad_id: int = 0, groups: Sequence[Sequence[str]] | None = None
+                         ) -> dict[str, float]:
     """How often the action-level policy's argmax is the gold action, on packed gold episodes
     whose leaves are every valid action (`data.encode_episode(..., candidates=True)`).
 
     Args:
       score_fn: collated batch -> `PackedOutput` (e.g. a jitted `packing.packed_forward`).
       gold: per episode, each step's gold leaf index (-1: not among the valid actions; skipped).
+      groups: per episode, each step's label (e.g. the gold action's verb): the accuracy is
+        also reported per label, since a few rare decisions can decide a game while the
+        common ones fill the mean.
     Returns:
       `{"action_accuracy": ..., "gold_logprob": mean log pi(gold | s), "steps": counted,
       "other_norm_accuracy": the accuracy with length normalisation flipped}` (the same
-      forward answers both, so each run measures that lever too).
+      forward answers both, so each run measures that lever too); with `groups`, also
+      `"accuracy/<label>"` and `"steps/<label>"` per label.
     """
     hits, other, logprob, steps = 0, 0, 0.0, 0
+    by_group: dict[str, list[int]] = {}
     at_least = (0, *widths(episodes)[1:])  # one program per token bucket
-    for episode, gold_index in zip(episodes, gold):
+    labels = groups if groups is not None else [[""] * len(g) for g in gold]
+    for episode, gold_index, episode_labels in zip(episodes, gold, labels):
         batch = collate([episode], pad_id, at_least)
         scores = np.asarray(score_fn(batch).scores[0])
         mask, lengths = batch["leaf_lengths"][0] > 0, batch["leaf_lengths"][0]
         policy = lambda norm: np.asarray(action_logprobs(scores, mask, temperature,
                                                          lengths if norm else None))
         logpi, flipped = policy(length_norm), policy(not length_norm)
-        for s, g in enumerate(gold_index):
+        for s, (g, label) in enumerate(zip(gold_index, episode_labels)):
             if g >= 0:
-                hits += int(np.argmax(logpi[s]) == g)
+                hit = int(np.argmax(logpi[s]) == g)
+                hits += hit
                 other += int(np.argmax(flipped[s]) == g)
                 logprob += float(logpi[s, g])
                 steps += 1
-    return dict(action_accuracy=hits / max(steps, 1), gold_logprob=logprob / max(steps, 1),
-                steps=steps, other_norm_accuracy=other / max(steps, 1))
+                counts = by_group.setdefault(label, [0, 0])
+                counts[0], counts[1] = counts[0] + hit, counts[1] + 1
+    result = dict(action_accuracy=hits / max(steps, 1), gold_logprob=logprob / max(steps, 1),
+                  steps=steps, other_norm_accuracy=other / max(steps, 1))
+    if groups is not None:
+        for label, (hit, count) in sorted(by_group.items()):
+            result[f"accuracy/{label}"], result[f"steps/{label}"] = hit / count, count
+    return result
 
 
 def batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
