@@ -332,7 +332,8 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
     if keep.shape != (len(rows),) or np.any(keep < 0) or np.any(keep > n_prefix):
         raise ValueError(f"keep must be [G] counts within each row's tail, got {keep.tolist()} "
                          f"for tails of {n_prefix.tolist()} tokens")
-    used = int(np.asarray(state.lengths)[rows].max()) + tokens.shape[1]
+    lengths = np.asarray(state.lengths)
+    used = int(lengths[rows].max()) + tokens.shape[1]
     _check_fits(used, state.cache.max_len)
     # A power-of-two number of rows (at most B), the last real one repeated: finished games
     # cost no compute, and a run compiles few programs. Copies of a row are computed alike, so
@@ -340,18 +341,19 @@ def score_continuations(model: Transformer, state: DecodeState, tail_tokens, tai
     # a row not scored repeats a scored row's input, keeps none of it and writes only past its
     # own history (so only where that fits in the cache), and its output is dropped.
     group = min(1 << (len(rows) - 1).bit_length(), batch)
-    fields = (tokens, n_prefix, keep, packed.position, packed.parent, packed.end)
-    every_row = (group == batch and
-                 int(np.asarray(state.lengths).max()) + tokens.shape[1] <= state.cache.max_len)
+    every_row = group == batch and int(lengths.max()) + tokens.shape[1] <= state.cache.max_len
     if every_row:
         source = np.full(batch, len(rows) - 1)
         source[rows] = np.arange(len(rows))
-        arrays = [np.arange(batch, dtype=np.int32)] + [x[source] for x in fields]
-        arrays[3] = np.where(np.isin(np.arange(batch), rows), arrays[3], 0)  # keep
+        kept = np.zeros(batch, np.int32)
+        kept[rows] = keep
+        arrays = [np.arange(batch, dtype=np.int32), tokens[source], n_prefix[source], kept,
+                  packed.position[source], packed.parent[source], packed.end[source]]
         picked = rows
     else:
         fill = lambda x: np.concatenate([x, np.repeat(x[-1:], group - len(rows), axis=0)])
-        arrays = [fill(x) for x in (rows, *fields)]
+        arrays = [fill(x) for x in (rows, tokens, n_prefix, keep, packed.position, packed.parent,
+                                    packed.end)]
         picked = np.arange(len(rows))
     graphdef, params = nnx.split(model)
     (paths, hidden), state = _score_jit(graphdef, params, state,

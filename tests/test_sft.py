@@ -194,3 +194,5 @@ def test_gold_action_accuracy_per_group_is_counted_by_hand():
     assert (result["accuracy/cook"], result["steps/cook"]) == (0.5, 2)
     assert not any(k.startswith("accuracy/") for k in gold_action_accuracy(
         prefer_first, episodes, gold))
+    with pytest.raises(ValueError, match="one label per step"):
+        gold_action_accuracy(prefer_first, episodes, gold, groups=[["take"], ["cook"]])

@@ -159,10 +159,13 @@ def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequ
       forward answers both, so each run measures that lever too); with `groups`, also
       `"accuracy/<label>"` and `"steps/<label>"` per label.
     """
-    hits, other, logprob, steps = 0, 0, 0.0, 0
-    by_group: dict[str, list[int]] = {}
-    at_least = (0, *widths(episodes)[1:])  # one program per token bucket
     labels = groups if groups is not None else [[""] * len(g) for g in gold]
+    if [len(g) for g in gold] != [len(l) for l in labels]:
+        raise ValueError("groups must hold one label per step of each episode's gold, got "
+                         f"{[len(l) for l in labels]} labels for {[len(g) for g in gold]} steps")
+    other, logprob = 0, 0.0
+    by_label: dict[str, list[int]] = {}  # label -> [hits, steps]
+    at_least = (0, *widths(episodes)[1:])  # one program per token bucket
     for episode, gold_index, episode_labels in zip(episodes, gold, labels):
         batch = collate([episode], pad_id, at_least)
         scores = np.asarray(score_fn(batch).scores[0])
@@ -172,17 +175,16 @@ def gold_action_accuracy(score_fn, episodes: Sequence[PackedEpisode], gold: Sequ
         logpi, flipped = policy(length_norm), policy(not length_norm)
         for s, (g, label) in enumerate(zip(gold_index, episode_labels)):
             if g >= 0:
-                hit = int(np.argmax(logpi[s]) == g)
-                hits += hit
+                counts = by_label.setdefault(label, [0, 0])
+                counts[0] += int(np.argmax(logpi[s]) == g)
+                counts[1] += 1
                 other += int(np.argmax(flipped[s]) == g)
                 logprob += float(logpi[s, g])
-                steps += 1
-                counts = by_group.setdefault(label, [0, 0])
-                counts[0], counts[1] = counts[0] + hit, counts[1] + 1
+    hits, steps = (sum(c[i] for c in by_label.values()) for i in (0, 1))
     result = dict(action_accuracy=hits / max(steps, 1), gold_logprob=logprob / max(steps, 1),
                   steps=steps, other_norm_accuracy=other / max(steps, 1))
     if groups is not None:
-        for label, (hit, count) in sorted(by_group.items()):
+        for label, (hit, count) in sorted(by_label.items()):
             result[f"accuracy/{label}"], result[f"steps/{label}"] = hit / count, count
     return result
 
