@@ -15,8 +15,8 @@ from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.agent import AgentConfig, play
 from jaxrl_llm.evaluation import summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
-                                      inventory_text, missed_ingredient, prompt_pieces,
-                                      recipe_text, step_tail)
+                                      checklist, inventory_text, missed_ingredient,
+                                      prompt_pieces, read_recipe, recipe_text, step_tail)
 
 pytestmark = pytest.mark.textworld
 
@@ -100,7 +100,7 @@ def test_inventory_tail_follows_the_pickups_of_a_gold_path():
             if action.startswith("take ") and "You take" in episode.observations[-1]:
                 carried.append(action.removeprefix("take "))
         assert carried and all(item in episode.inventory for item in carried)
-    for style in ("inventory", "recipe"):
+    for style in ("inventory", "recipe", "checklist"):
         with pytest.raises(ValueError, match=f"'{style}' needs the state's inventory"):
             step_tail(Episode(seed=0, fold="train", task="", observations=["Kitchen."]), style)
 
@@ -126,6 +126,42 @@ def test_recipe_tail_is_the_cookbook_once_it_is_read():
         ingredients, directions = recipe_text(episode.observations).split("; ")
         assert episode.success and directions.endswith("prepare meal")
         assert all(f"take {item}" in episode.actions for item in ingredients.split(", "))
+
+
+def test_checklist_is_what_the_recipe_still_asks_of_the_inventory():
+    """Hand-made states: an ingredient is missing until carried, a direction is left until the
+    carried ingredient shows its participle, and a carried meal leaves nothing; on a gold path
+    the lists only shrink and are empty when the meal is eaten."""
+    read = ["Kitchen.", COOKBOOK]
+    assert checklist(["Kitchen."], "a knife") is None
+    assert checklist(read, "a cookbook, a knife") == (
+        ["block of cheese", "red apple"],
+        ["slice the block of cheese", "grill the red apple", "prepare meal"])
+    assert checklist(read, "a knife, a sliced block of cheese, a raw red apple") == (
+        [], ["grill the red apple", "prepare meal"])
+    # Grilling an unsliced cheese does not slice it; the apple's grill is its own direction.
+    assert checklist(read, "a grilled block of cheese, a grilled red apple") == (
+        [], ["slice the block of cheese", "prepare meal"])
+    assert checklist(read, "a knife, a meal") == ([], [])
+    state = lambda inventory, observations=read: Episode(
+        seed=0, fold="train", task="", observations=observations, inventory=inventory)
+    assert step_tail(state("a knife, a sliced block of cheese"), "checklist") == (
+        "\nMissing: red apple\nTo do: grill the red apple, prepare meal\nAction: ")
+    assert step_tail(state("a meal"), "checklist") == (
+        "\nMissing: nothing\nTo do: nothing\nAction: ")
+    assert step_tail(state("a knife", ["Kitchen."]), "checklist") == (
+        "\nRecipe: not read yet\nAction: ")
+    with TextWorldBatch(GameConfig(), 1) as batch:
+        (episode,) = batch.reset([5], "train", gold=True)
+        sizes = []
+        for action in batch.gold_actions(0):
+            todo = checklist(episode.observations, episode.inventory)
+            assert (todo is None) == ("read cookbook" not in episode.actions)
+            if todo is not None:
+                sizes.append(len(todo[0]) + len(todo[1]))
+            (episode,) = batch.step([action])
+        assert episode.success and sizes == sorted(sizes, reverse=True) and sizes[-1] == 0
+        assert sizes[0] == sum(map(len, read_recipe(episode.observations)))
 
 
 def test_missed_ingredient_is_out_of_steps_before_taking_the_recipes_food():
@@ -227,7 +263,8 @@ def test_wilson_interval():
                                                     ("score", 2, "notebook"),
                                                     ("score", None, "compact"),
                                                     ("score", None, "inventory"),
-                                                    ("score", None, "recipe")])
+                                                    ("score", None, "recipe"),
+                                                    ("score", None, "checklist")])
 def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style):
     """Incremental prefill feeds exactly the tokens of the whole prompt at every step."""
     from jaxrl_llm.model import ModelConfig, Transformer
@@ -253,7 +290,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
         assert tail.endswith("\nAction:")
         assert tail.startswith("\nValid actions: ") == (style == "notebook")
         assert tail.startswith("\nInventory: ") == (style == "inventory")
-        assert tail.startswith("\nRecipe: ") == (style == "recipe")
+        assert tail.startswith("\nRecipe: ") == (style == "recipe") or style == "checklist"
         if mode == "score":
             assert t.valid and t.candidate_ids[t.choice][-1] == tokenizer.eos_token_id
             assert len(t.candidate_ids) == len(set(map(tuple, t.candidate_ids)))
@@ -267,7 +304,8 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
 
 @pytest.mark.parametrize("style,max_history,noise", [
     ("compact", None, 0.0), ("notebook", None, 0.0), ("compact", 2, 0.0), ("compact", None, 0.4),
-    ("notebook", 2, 0.4), ("inventory", None, 0.4), ("recipe", None, 0.4)])
+    ("notebook", 2, 0.4), ("inventory", None, 0.4), ("recipe", None, 0.4),
+    ("checklist", None, 0.4)])
 def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history,
                                                              noise):
     """Each learned step of a packed game is its per-step prompt: history + tail, then actions

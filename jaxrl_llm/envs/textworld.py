@@ -31,12 +31,20 @@ TAIL = "\nValid actions: {}\nAction: "
 # never part of the history, so the state costs its tokens once per step, not once per later
 # step, and the policy need not recount its pickups from the whole history. "recipe" adds the
 # cookbook the player has read: what is left to do becomes a comparison of two adjacent lines,
-# not a lookup of a block read tens of steps back.
-PROMPT_STYLES = ("notebook", "compact", "inventory", "recipe")
+# not a lookup of a block read tens of steps back. "checklist" does that comparison for the
+# policy: the recipe's ingredients not carried and its directions not yet done, read from the
+# cookbook and the inventory the player has seen (`checklist`).
+PROMPT_STYLES = ("notebook", "compact", "inventory", "recipe", "checklist")
 COMPACT_TAIL = "\nAction: "
 INVENTORY_TAIL = "\nInventory: {}\nAction: "
 RECIPE_TAIL = "\nRecipe: {}\nInventory: {}\nAction: "
 UNREAD_RECIPE = "not read yet"
+CHECKLIST_TAIL = "\nMissing: {}\nTo do: {}\nAction: "
+UNREAD_TAIL = "\nRecipe: {}\nAction: "
+# The word the inventory shows on an ingredient once a direction's verb was applied to it
+# ("a sliced fried block of cheese").
+PARTICIPLES = dict(slice="sliced", dice="diced", chop="chopped", fry="fried", roast="roasted",
+                   grill="grilled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +342,33 @@ def recipe_text(observations: Sequence[str]) -> str:
     return "; ".join(", ".join(part) for part in recipe)
 
 
+def checklist(observations: Sequence[str], inventory: str) -> tuple[list[str], list[str]] | None:
+    """What the last cookbook read in `observations` still asks of a player carrying
+    `inventory` (`inventory_text`): (ingredients not carried, directions not done), or None
+    before the cookbook is read. A direction is done when the carried ingredient shows its
+    verb's participle ("fry the carrot": "a fried carrot"), and every one of them once a meal
+    is carried (preparing it uses the ingredients up)."""
+    recipe = read_recipe(observations)
+    if recipe is None:
+        return None
+    carried = inventory.split(", ")
+    if "a meal" in carried:
+        return [], []
+
+    def held(name: str) -> str | None:
+        return next((item for item in carried if item == name or item.endswith(f" {name}")),
+                    None)
+
+    def done(direction: str) -> bool:
+        verb, _, name = direction.partition(" the ")
+        item = held(name)
+        return verb in PARTICIPLES and item is not None and PARTICIPLES[verb] in item.split()
+
+    ingredients, directions = recipe
+    return ([name for name in ingredients if held(name) is None],
+            [direction for direction in directions if not done(direction)])
+
+
 def missed_ingredient(episode: Episode) -> bool:
     """Whether `episode` ended neither won nor lost while a recipe ingredient was never taken
     (or the cookbook never read): the agent ran out of steps before it had what the meal needs,
@@ -352,7 +387,9 @@ def missed_ingredient(episode: Episode) -> bool:
 def step_tail(state: Episode, style: str = "notebook") -> str:
     """The per-step question about `state`: `"\\nValid actions: a, b\\nAction: "` (notebook),
     `"\\nAction: "` (compact), `"\\nInventory: a knife\\nAction: "` (inventory) or that with a
-    `"\\nRecipe: ..."` line before it (recipe; `recipe_text` of the state's observations)."""
+    `"\\nRecipe: ..."` line before it (recipe; `recipe_text` of the state's observations), or
+    `"\\nMissing: a, b\\nTo do: c, d\\nAction: "` (checklist: `checklist`, "nothing" for an
+    empty list, `"\\nRecipe: not read yet\\nAction: "` before the cookbook is read)."""
     check_style(style)
     if style == "notebook":
         return TAIL.format(", ".join(state.valid_actions))
@@ -362,6 +399,11 @@ def step_tail(state: Episode, style: str = "notebook") -> str:
         raise ValueError(f"prompt style {style!r} needs the state's inventory")
     if style == "inventory":
         return INVENTORY_TAIL.format(state.inventory)
+    if style == "checklist":
+        todo = checklist(state.observations, state.inventory)
+        if todo is None:
+            return UNREAD_TAIL.format(UNREAD_RECIPE)
+        return CHECKLIST_TAIL.format(*(", ".join(part) or "nothing" for part in todo))
     return RECIPE_TAIL.format(recipe_text(state.observations), state.inventory)
 
 
