@@ -130,8 +130,9 @@ def test_recipe_tail_is_the_cookbook_once_it_is_read():
 
 def test_checklist_is_what_the_recipe_still_asks_of_the_inventory():
     """Hand-made states: an ingredient is missing until carried, a direction is left until the
-    carried ingredient shows its participle, and a carried meal leaves nothing; on a gold path
-    the lists only shrink and are empty when the meal is eaten."""
+    carried ingredient shows its participle, a knife is missing while a cut is left, and a
+    carried meal leaves nothing; on a gold path the lists only shrink and are empty when the
+    meal is eaten."""
     read = ["Kitchen.", COOKBOOK]
     assert checklist(["Kitchen."], "a knife") is None
     assert checklist(read, "a cookbook, a knife") == (
@@ -141,7 +142,12 @@ def test_checklist_is_what_the_recipe_still_asks_of_the_inventory():
         [], ["grill the red apple", "prepare meal"])
     # Grilling an unsliced cheese does not slice it; the apple's grill is its own direction.
     assert checklist(read, "a grilled block of cheese, a grilled red apple") == (
-        [], ["slice the block of cheese", "prepare meal"])
+        ["knife"], ["slice the block of cheese", "prepare meal"])
+    assert checklist(read, "a cookbook") == (
+        ["block of cheese", "red apple", "knife"],
+        ["slice the block of cheese", "grill the red apple", "prepare meal"])
+    assert checklist(read, "a sliced block of cheese, a grilled red apple") == (
+        [], ["prepare meal"])  # no cut left: no knife needed
     assert checklist(read, "a knife, a meal") == ([], [])
     state = lambda inventory, observations=read: Episode(
         seed=0, fold="train", task="", observations=observations, inventory=inventory)
@@ -161,7 +167,11 @@ def test_checklist_is_what_the_recipe_still_asks_of_the_inventory():
                 sizes.append(len(todo[0]) + len(todo[1]))
             (episode,) = batch.step([action])
         assert episode.success and sizes == sorted(sizes, reverse=True) and sizes[-1] == 0
-        assert sizes[0] == sum(map(len, read_recipe(episode.observations)))
+        ingredients, directions = read_recipe(episode.observations)
+        reading = episode.actions.index("read cookbook")
+        knife = (any(d.split()[0] in ("slice", "dice", "chop") for d in directions)
+                 and "take knife" not in episode.actions[:reading])
+        assert knife and sizes[0] == len(ingredients) + len(directions) + knife
 
 
 def test_missed_ingredient_is_out_of_steps_before_taking_the_recipes_food():

@@ -45,6 +45,7 @@ UNREAD_TAIL = "\nRecipe: {}\nAction: "
 # ("a sliced fried block of cheese").
 PARTICIPLES = dict(slice="sliced", dice="diced", chop="chopped", fry="fried", roast="roasted",
                    grill="grilled")
+CUTS = ("slice", "dice", "chop")  # the directions the game only allows with a knife carried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +348,8 @@ def checklist(observations: Sequence[str], inventory: str) -> tuple[list[str], l
     `inventory` (`inventory_text`): (ingredients not carried, directions not done), or None
     before the cookbook is read. A direction is done when the carried ingredient shows its
     verb's participle ("fry the carrot": "a fried carrot"), and every one of them once a meal
-    is carried (preparing it uses the ingredients up)."""
+    is carried (preparing it uses the ingredients up). A knife is missing while a cut is left
+    to do and none is carried."""
     recipe = read_recipe(observations)
     if recipe is None:
         return None
@@ -365,8 +367,11 @@ def checklist(observations: Sequence[str], inventory: str) -> tuple[list[str], l
         return verb in PARTICIPLES and item is not None and PARTICIPLES[verb] in item.split()
 
     ingredients, directions = recipe
-    return ([name for name in ingredients if held(name) is None],
-            [direction for direction in directions if not done(direction)])
+    todo = [direction for direction in directions if not done(direction)]
+    missing = [name for name in ingredients if held(name) is None]
+    if held("knife") is None and any(d.split(" ", 1)[0] in CUTS for d in todo):
+        missing.append("knife")
+    return missing, todo
 
 
 def missed_ingredient(episode: Episode) -> bool:
