@@ -38,8 +38,9 @@ class AgentConfig:
       length_norm: score mode: per-token mean instead of summed action log-probs.
       prompt_style: "notebook" (the per-step tail lists the valid actions), "compact" (it
         does not: a scoring policy is handed the candidates directly), "inventory"
-        (compact, with what the player carries), "recipe" (inventory, with the cookbook read)
-        or "checklist" (the recipe's ingredients not carried and directions not done).
+        (compact, with what the player carries), "recipe" (inventory, with the cookbook read),
+        "checklist" (the recipe's ingredients not carried and directions not done) or
+        "locate" (checklist, with the room where each missing item was last seen).
       max_action_tokens: generate mode: tokens sampled per action at most.
       max_history: None keeps the whole history and prefills only new text each step; k keeps
         the last k steps (shorter prompts, but the prompt is rebuilt and re-prefilled each step).

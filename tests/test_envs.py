@@ -16,7 +16,8 @@ from jaxrl_llm.agent import AgentConfig, play
 from jaxrl_llm.evaluation import summarize, wilson_interval
 from jaxrl_llm.envs.textworld import (Episode, GameConfig, TextWorldBatch, build_prompt,
                                       checklist, inventory_text, missed_ingredient,
-                                      prompt_pieces, read_recipe, recipe_text, step_tail)
+                                      prompt_pieces, read_recipe, recipe_text, step_tail,
+                                      current_room, last_seen)
 
 pytestmark = pytest.mark.textworld
 
@@ -100,7 +101,7 @@ def test_inventory_tail_follows_the_pickups_of_a_gold_path():
             if action.startswith("take ") and "You take" in episode.observations[-1]:
                 carried.append(action.removeprefix("take "))
         assert carried and all(item in episode.inventory for item in carried)
-    for style in ("inventory", "recipe", "checklist"):
+    for style in ("inventory", "recipe", "checklist", "locate"):
         with pytest.raises(ValueError, match=f"'{style}' needs the state's inventory"):
             step_tail(Episode(seed=0, fold="train", task="", observations=["Kitchen."]), style)
 
@@ -268,13 +269,51 @@ def test_wilson_interval():
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
 
 
+def test_locate_names_where_each_missing_item_was_last_seen():
+    """An item's whereabouts are the room of the last observation naming it (a room's
+    description or an opened container), never the cookbook's list, matched as whole words;
+    the tail says "here" in that room. On gold paths every ingredient taken is "here"."""
+    kitchen = ("You are in the kitchen. You see a fridge that is closed. You also see a counter "
+               "that has a knife, and a cookbook on it.")
+    observations = [kitchen, COOKBOOK, "You open the fridge. The fridge contains a red apple.",
+                    "You are in the pantry. There is a shelf that has a watermelon, and a block "
+                    "of cheese on it.", kitchen]
+    assert current_room(observations) == "kitchen" and current_room(["Kitchen."]) is None
+    assert last_seen(observations[:2], ["red apple", "knife"]) == [None, "kitchen"]
+    assert last_seen(observations, ["red apple", "block of cheese", "knife", "water"]) == [
+        "kitchen", "pantry", "kitchen", None]
+    state = lambda inventory, seen=observations: Episode(
+        seed=0, fold="train", task="", observations=seen, inventory=inventory)
+    assert step_tail(state("a cookbook"), "locate") == (
+        "\nMissing: block of cheese (in the pantry), red apple (here), knife (here)\nTo do: "
+        "slice the block of cheese, grill the red apple, prepare meal\nAction: ")
+    assert step_tail(state("a knife, a red apple", observations[:4]), "locate") == (
+        "\nMissing: block of cheese (here)\nTo do: slice the block of cheese, grill the red "
+        "apple, prepare meal\nAction: ")
+    assert step_tail(state("a meal"), "locate") == step_tail(state("a meal"), "checklist")
+    assert step_tail(state("", [kitchen]), "locate") == "\nRecipe: not read yet\nAction: "
+    with TextWorldBatch(GameConfig(step_limit=32), 1) as batch:
+        for seed in (3, 5, 11):
+            (episode,) = batch.reset([seed], "train", gold=True)
+            taken = 0
+            for action in batch.gold_actions(0):
+                item = action.removeprefix("take ")
+                if action.startswith("take ") and read_recipe(episode.observations):
+                    assert f"{item} (here)" in step_tail(episode, "locate") or (
+                        item not in step_tail(episode, "checklist"))
+                    taken += item in read_recipe(episode.observations)[0]
+                (episode,) = batch.step([action])
+            assert episode.success and taken == len(read_recipe(episode.observations)[0])
+
+
 @pytest.mark.parametrize("mode,max_history,style", [("score", None, "notebook"),
                                                     ("generate", None, "notebook"),
                                                     ("score", 2, "notebook"),
                                                     ("score", None, "compact"),
                                                     ("score", None, "inventory"),
                                                     ("score", None, "recipe"),
-                                                    ("score", None, "checklist")])
+                                                    ("score", None, "checklist"),
+                                                    ("score", None, "locate")])
 def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style):
     """Incremental prefill feeds exactly the tokens of the whole prompt at every step."""
     from jaxrl_llm.model import ModelConfig, Transformer
@@ -300,7 +339,8 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
         assert tail.endswith("\nAction:")
         assert tail.startswith("\nValid actions: ") == (style == "notebook")
         assert tail.startswith("\nInventory: ") == (style == "inventory")
-        assert tail.startswith("\nRecipe: ") == (style == "recipe") or style == "checklist"
+        assert tail.startswith("\nRecipe: ") == (style == "recipe") or style in ("checklist",
+                                                                                "locate")
         if mode == "score":
             assert t.valid and t.candidate_ids[t.choice][-1] == tokenizer.eos_token_id
             assert len(t.candidate_ids) == len(set(map(tuple, t.candidate_ids)))
@@ -315,7 +355,7 @@ def test_agent_prompts_equal_full_prompt_tokens(games, mode, max_history, style)
 @pytest.mark.parametrize("style,max_history,noise", [
     ("compact", None, 0.0), ("notebook", None, 0.0), ("compact", 2, 0.0), ("compact", None, 0.4),
     ("notebook", 2, 0.4), ("inventory", None, 0.4), ("recipe", None, 0.4),
-    ("checklist", None, 0.4)])
+    ("checklist", None, 0.4), ("locate", None, 0.4)])
 def test_encoded_expert_episodes_hold_the_prompts_play_feeds(tmp_path, style, max_history,
                                                              noise):
     """Each learned step of a packed game is its per-step prompt: history + tail, then actions

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -33,8 +34,10 @@ TAIL = "\nValid actions: {}\nAction: "
 # cookbook the player has read: what is left to do becomes a comparison of two adjacent lines,
 # not a lookup of a block read tens of steps back. "checklist" does that comparison for the
 # policy: the recipe's ingredients not carried and its directions not yet done, read from the
-# cookbook and the inventory the player has seen (`checklist`).
-PROMPT_STYLES = ("notebook", "compact", "inventory", "recipe", "checklist")
+# cookbook and the inventory the player has seen (`checklist`). "locate" adds where the player
+# last saw each missing item (`last_seen`): an item in view many steps back is otherwise a
+# lookup across the whole history, and a policy that misses it shuttles between rooms.
+PROMPT_STYLES = ("notebook", "compact", "inventory", "recipe", "checklist", "locate")
 COMPACT_TAIL = "\nAction: "
 INVENTORY_TAIL = "\nInventory: {}\nAction: "
 RECIPE_TAIL = "\nRecipe: {}\nInventory: {}\nAction: "
@@ -45,6 +48,7 @@ UNREAD_TAIL = "\nRecipe: {}\nAction: "
 # ("a sliced fried block of cheese").
 PARTICIPLES = dict(slice="sliced", dice="diced", chop="chopped", fry="fried", roast="roasted",
                    grill="grilled")
+ROOM = re.compile(r"You are in the ([^.]+)\.")
 CUTS = ("slice", "dice", "chop")  # the directions the game only allows with a knife carried
 
 
@@ -374,6 +378,31 @@ def checklist(observations: Sequence[str], inventory: str) -> tuple[list[str], l
     return missing, todo
 
 
+def current_room(observations: Sequence[str]) -> str | None:
+    """The room of the last room description in `observations` ("You are in the pantry. ..."):
+    where the player is, since only moving changes it and every move describes the new room."""
+    for observation in reversed(observations):
+        if match := ROOM.match(observation):
+            return match.group(1)
+    return None
+
+
+def last_seen(observations: Sequence[str], names: Sequence[str]) -> list[str | None]:
+    """For each item of `names`, the room where the last observation naming it was made (a
+    room description, an opened container's contents, a dropped item), or None if none did;
+    cookbook texts do not count. Only what the player has seen: no engine state."""
+    seen: dict[str, str | None] = dict.fromkeys(names)
+    room = None
+    for observation in observations:
+        room = (match.group(1) if (match := ROOM.match(observation)) else room)
+        if "Ingredients:" in observation:
+            continue
+        for name in names:
+            if re.search(rf"\b{re.escape(name)}\b", observation):
+                seen[name] = room
+    return [seen[name] for name in names]
+
+
 def missed_ingredient(episode: Episode) -> bool:
     """Whether `episode` ended neither won nor lost while a recipe ingredient was never taken
     (or the cookbook never read): the agent ran out of steps before it had what the meal needs,
@@ -394,7 +423,8 @@ def step_tail(state: Episode, style: str = "notebook") -> str:
     `"\\nAction: "` (compact), `"\\nInventory: a knife\\nAction: "` (inventory) or that with a
     `"\\nRecipe: ..."` line before it (recipe; `recipe_text` of the state's observations), or
     `"\\nMissing: a, b\\nTo do: c, d\\nAction: "` (checklist: `checklist`, "nothing" for an
-    empty list, `"\\nRecipe: not read yet\\nAction: "` before the cookbook is read)."""
+    empty list, `"\\nRecipe: not read yet\\nAction: "` before the cookbook is read), or that with
+    each missing item's whereabouts (locate: `"a (here), b (in the pantry), c (not seen)"`)."""
     check_style(style)
     if style == "notebook":
         return TAIL.format(", ".join(state.valid_actions))
@@ -404,11 +434,18 @@ def step_tail(state: Episode, style: str = "notebook") -> str:
         raise ValueError(f"prompt style {style!r} needs the state's inventory")
     if style == "inventory":
         return INVENTORY_TAIL.format(state.inventory)
-    if style == "checklist":
+    if style in ("checklist", "locate"):
         todo = checklist(state.observations, state.inventory)
         if todo is None:
             return UNREAD_TAIL.format(UNREAD_RECIPE)
-        return CHECKLIST_TAIL.format(*(", ".join(part) or "nothing" for part in todo))
+        missing, directions = todo
+        if style == "locate":
+            here = current_room(state.observations)
+            places = ["not seen" if room is None else "here" if room == here else f"in the {room}"
+                      for room in last_seen(state.observations, missing)]
+            missing = [f"{name} ({place})" for name, place in zip(missing, places)]
+        return CHECKLIST_TAIL.format(*(", ".join(part) or "nothing"
+                                       for part in (missing, directions)))
     return RECIPE_TAIL.format(recipe_text(state.observations), state.inventory)
 
 
