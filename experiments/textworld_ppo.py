@@ -76,9 +76,10 @@ class Config:
     # all 30 ~22 s on 2 cores). The top 16 learn more from 96 games than the top 8 from 192.
     lora_layers: int = 16
     max_history: int | None = None  # steps of history in the prompt (None: all, packed)
-    # The step's tail (`envs.textworld.step_tail`): "checklist" names the recipe's ingredients
-    # (and knife) not carried and its directions not done; compact, notebook, inventory, recipe.
-    prompt_style: str = "checklist"
+    # The step's tail (`envs.textworld.step_tail`): "locate" names the recipe's ingredients
+    # (and knife) not carried, where each was last seen, and the directions not done;
+    # checklist (without where), compact, notebook, inventory, recipe.
+    prompt_style: str = "locate"
     train_games: int = 96  # gold paths of train seeds 0..N-1 for SFT
     dev_games: int = 4  # dev seeds 0..K-1: gold-action accuracy after each SFT epoch
     eval_games: int = 32  # test seeds 0..M-1

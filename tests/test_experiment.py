@@ -113,7 +113,7 @@ def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monk
     with monkeypatch.context() as patch:
         patch.setattr(textworld_ppo, "load_policy", lambda *_: pytest.fail("model loaded"))
         for changed, said in ((dict(prompt_style="inventory"),
-                               "--prompt-style checklist (now inventory)"),
+                               "--prompt-style locate (now inventory)"),
                               (dict(sft_learning_rate=1e-3), "--sft-learning-rate")):
             with pytest.raises(ValueError, match="holds sft_progress checkpoints trained with "
                                                  + re.escape(said) + ".*new --run-dir"):
