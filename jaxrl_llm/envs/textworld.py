@@ -328,10 +328,15 @@ def inventory_text(engine_text: str) -> str:
     return ", ".join(_items(engine_text.splitlines()[1:]))
 
 
+def _is_cookbook(observation: str) -> bool:
+    """Whether `observation` is the text of a cookbook read (its ingredients and directions)."""
+    return "Ingredients:" in observation and "Directions:" in observation
+
+
 def read_recipe(observations: Sequence[str]) -> tuple[list[str], list[str]] | None:
     """The last cookbook read in `observations` as (ingredients, directions), or None."""
     for observation in reversed(observations):
-        if "Ingredients:" in observation and "Directions:" in observation:
+        if _is_cookbook(observation):
             ingredients, directions = observation.split("Ingredients:", 1)[1].split(
                 "Directions:", 1)
             return _items(ingredients.splitlines()), _items(directions.splitlines())
@@ -395,7 +400,7 @@ def last_seen(observations: Sequence[str], names: Sequence[str]) -> list[str | N
     room = None
     for observation in observations:
         room = (match.group(1) if (match := ROOM.match(observation)) else room)
-        if "Ingredients:" in observation:
+        if _is_cookbook(observation):
             continue
         for name in names:
             if re.search(rf"\b{re.escape(name)}\b", observation):
