@@ -1,14 +1,16 @@
 """SFT on whole gold games: packed episodes vs per-step prompts, in the same run.
 
     python -m benchmarks.packing                      # 8 train games, notebook prompts
-    python -m benchmarks.packing --games 2 --prompt-style compact
+    python -m benchmarks.packing --games 2 --prompt-style compact --no-remat
 
 Both variants train LoRA (r=8, alpha=32) on the default SmolLM2 int8 base with the same loss on
 the same action tokens, one optimizer step per game: packed, the game is one sequence
 (`jaxrl_llm.packing`); per step, each step is its own (prompt with the whole history, action)
-pair, in micro-batches of one. Each variant runs in its own subprocess (peak RSS is its own),
-first over every game once (compiles every shape), then timed over every game again.
-Last line: `packed vs per-step: X.XXx faster, Y.YYx fewer tokens`.
+pair, in micro-batches of one. Both recompute activations in the backward pass, as the `cpu`
+preset trains (`--no-remat` keeps them: a per-step prompt of a few thousand tokens then holds
+gigabytes of attention activations). Each variant runs in its own subprocess (peak RSS is its
+own), first over every game once (compiles every shape), then timed over every game again; its
+line is printed when it ends. Last line: `packed vs per-step: X.XXx faster, Y.YYx fewer tokens`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import subprocess
 import sys
 import time
 
 
-def run(variant: str, games: int, style: str) -> dict:
+def run(variant: str, games: int, style: str, remat: bool) -> dict:
+    import functools
+
     import jax
     import numpy as np
     from flax import nnx
@@ -55,7 +60,8 @@ def run(variant: str, games: int, style: str) -> dict:
             config = SFTConfig(batch_size=len(prompts), micro_batch_size=1, completion_len=16)
             steps.append(next(batches(prompts, actions, config, 0, pad)))
             tokens.append(sum(map(len, prompts)) + sum(map(len, actions)))
-    trainer = Trainer(model, make_optimizer(OptimConfig(learning_rate=1e-4)), loss_fn)
+    trainer = Trainer(model, make_optimizer(OptimConfig(learning_rate=1e-4)),
+                      functools.partial(loss_fn, remat=remat))
     state = trainer.init()
     for batch in steps:  # compiles every shape
         state, metrics = trainer.step(state, batch)
@@ -70,31 +76,42 @@ def run(variant: str, games: int, style: str) -> dict:
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 
 
+def measure(variant: str, args) -> dict:
+    """Runs one variant in its own process; a variant that dies is named in the error."""
+    command = [sys.executable, "-m", "benchmarks.packing", "--variant", variant, "--games",
+               str(args.games), "--prompt-style", args.prompt_style]
+    done = subprocess.run(command + ([] if args.remat else ["--no-remat"]),
+                          capture_output=True, text=True)
+    if done.returncode:
+        why = (f"killed by {signal.Signals(-done.returncode).name} (out of memory?)"
+               if done.returncode < 0 else f"failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"{variant} variant {why}: try fewer --games")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--games", type=int, default=8, help="train seeds 0..N-1")
     parser.add_argument("--prompt-style", default="notebook", choices=("notebook", "compact"))
+    parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute activations in the backward pass (--no-remat keeps "
+                        "them: far more memory)")
     parser.add_argument("--variant", choices=("packed", "per-step"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.games < 1:
         parser.error(f"--games must be >= 1, got {args.games}")
     if args.variant:
-        print(json.dumps(run(args.variant, args.games, args.prompt_style)))
+        print(json.dumps(run(args.variant, args.games, args.prompt_style, args.remat)))
         return
+    print(f"{'variant':<10} {'tokens/game':>12} {'s/game':>8} {'peak RSS GB':>12}", flush=True)
     results = {}
     for variant in ("packed", "per-step"):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.packing", "--variant", variant,
-                              "--games", str(args.games), "--prompt-style", args.prompt_style],
-                             check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-    print(f"{'variant':<10} {'tokens/game':>12} {'s/game':>8} {'peak RSS GB':>12}")
-    for r in results.values():
+        r = results[variant] = measure(variant, args)
         print(f"{r['variant']:<10} {r['tokens_per_game']:>12.0f} {r['seconds_per_game']:>8.1f} "
-              f"{r['peak_rss_gb']:>12.2f}")
+              f"{r['peak_rss_gb']:>12.2f}", flush=True)
     packed, per_step = results["packed"], results["per-step"]
     print(f"packed vs per-step: {per_step['seconds_per_game'] / packed['seconds_per_game']:.2f}x "
           f"faster, {per_step['tokens_per_game'] / packed['tokens_per_game']:.2f}x fewer tokens")
-
 
 if __name__ == "__main__":
     main()
