@@ -43,7 +43,8 @@ from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
 from jaxrl_llm.packing import check_episodes, packed_forward
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
-from jaxrl_llm.train.ppo import PPOConfig, minibatches, ppo_loss, prepare_rollout
+from jaxrl_llm.train.ppo import (ADVANTAGES, PPOConfig, minibatches, ppo_loss,
+                                 prepare_rollout)
 from jaxrl_llm.train.sft import (SFTConfig, episode_batches, gold_action_accuracy,
                                  packed_choice_loss, packed_completion_loss)
 from jaxrl_llm.train.step import NonFiniteGuard, OptimConfig, Trainer, make_optimizer
@@ -56,7 +57,7 @@ SFT_FIELDS = ("model_path", "quantize", "lora_rank", "lora_alpha", "lora_layers"
               "sft_noise", "sft_epochs", "sft_batch_size", "sft_learning_rate", "seed")
 PPO_FIELDS = SFT_FIELDS + ("collect_mode", "temperature", "length_norm", "ppo_step_limit",
                            "ppo_epochs", "ppo_minibatch_size", "ppo_learning_rate", "kl_coef",
-                           "kl_in", "num_envs")
+                           "kl_in", "ppo_games", "ppo_group", "ppo_advantage")
 SFT_LOSSES = ("choice", "completion")
 CURVES = ("mean_score", "success_rate", "env_reward", "kl_ref", "entropy", "clip_fraction",
           "approx_kl", "explained_variance", "value_loss", "policy_loss", "valid_action_rate",
@@ -111,6 +112,11 @@ class Config:
     sft_remat: bool = True  # recompute activations in SFT's backward pass
     ppo_remat: bool = True  # recompute activations in the PPO updates' backward pass
     ppo_iterations: int = 2  # collect + update rounds
+    ppo_games: int = 4  # training games per PPO iteration, stepped in lockstep
+    # Plays of each training game per iteration (`ppo_games / ppo_group` seeds): the group
+    # whose other plays are a play's baseline with `--ppo-advantage rloo`.
+    ppo_group: int = 1
+    ppo_advantage: str = "gae"  # "gae" (value head) or "rloo" (the group's other plays)
     ppo_step_limit: int = 16  # step limit of the training games (notebook 000's)
     ppo_epochs: int = 1  # passes over each iteration's games
     ppo_minibatch_size: int = 2  # packed games per PPO update
@@ -118,7 +124,7 @@ class Config:
     eval_every: int = 0  # PPO iterations between held-out evals for `best` (0: only at the end)
     kl_coef: float = 0.2  # weight of the KL to the frozen SFT policy
     kl_in: str = "reward"  # "reward" (k1 penalty per step) or "loss" (exact KL term)
-    num_envs: int = 4  # games stepped in lockstep (collection and evaluation)
+    num_envs: int = 4  # evaluation games stepped in lockstep
     cache_len: int = 8192  # KV-cache slots per game: a whole 32-step game's history
     env_workers: int = 1  # threads talking to the game engines (pays with many games + cores)
     mesh: tuple[int, ...] = (-1, 1, 1)  # data, fsdp, tensor axis sizes (-1: the rest)
@@ -128,11 +134,13 @@ class Config:
 
     def __post_init__(self):
         require_at_least_one(self, ("train_games", "eval_games", "num_envs", "lora_rank",
-                                    "sft_epochs", "ppo_step_limit", "env_workers"), cli=True)
+                                    "sft_epochs", "ppo_games", "ppo_group", "ppo_step_limit",
+                                    "env_workers"), cli=True)
         for flag, value, allowed in (("--prompt-style", self.prompt_style, PROMPT_STYLES),
                                      ("--sft-loss", self.sft_loss, SFT_LOSSES),
                                      ("--agent-mode", self.agent_mode, MODES),
-                                     ("--collect-mode", self.collect_mode, MODES)):
+                                     ("--collect-mode", self.collect_mode, MODES),
+                                     ("--ppo-advantage", self.ppo_advantage, ADVANTAGES)):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
         quantize_modes = [m or "" for m in QUANTIZE_MODES]  # "" = float weights
@@ -164,6 +172,12 @@ class Config:
         if self.eval_games % self.num_envs and self.eval_games > self.num_envs:
             raise ValueError(f"--eval-games ({self.eval_games}) must be a multiple of "
                              f"--num-envs ({self.num_envs})")
+        if self.ppo_games % self.ppo_group:
+            raise ValueError(f"--ppo-games ({self.ppo_games}) must be a multiple of "
+                             f"--ppo-group ({self.ppo_group})")
+        if self.ppo_advantage == "rloo" and self.ppo_group < 2:
+            raise ValueError("--ppo-advantage rloo needs --ppo-group >= 2: a play's baseline "
+                             "is the other plays of its game")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0 (0: only at the end), got "
                              f"{self.eval_every}")
@@ -191,20 +205,21 @@ class Config:
                          minibatch_size=self.ppo_minibatch_size,
                          micro_batch_size=self.sft_micro_batch_size,
                          policy="action" if self.collect_mode == "score" else "sequence",
-                         temperature=self.temperature, length_norm=self.length_norm)
+                         temperature=self.temperature, length_norm=self.length_norm,
+                         advantage=self.ppo_advantage, group_size=self.ppo_group)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Config":
         presets = {
             # Byte-level ids make a whole game ~5k tokens: the tiny model keeps 2 steps.
             "smoke": dict(model_path="tiny", quantize="int8", max_history=2, cache_len=4096,
-                          train_games=2, lora_layers=0,
-                          dev_games=1, eval_games=2, num_envs=2, eval_step_limits=(4,),
+                          train_games=2, lora_layers=0, dev_games=1, eval_games=2, num_envs=2,
+                          ppo_games=2, eval_step_limits=(4,),
                           sft_batch_size=4, ppo_step_limit=4, zero_shot_eval=True,
                           run_dir="runs/smoke"),
             "cpu": {},
             "gpu": dict(train_games=400, lora_layers=0, sft_learning_rate=5e-4, dev_games=32,
-                        eval_games=128, num_envs=32,
+                        eval_games=128, num_envs=32, ppo_games=32,
                         sft_epochs=2, sft_batch_size=16, sft_micro_batch_size=4,
                         ppo_iterations=50, ppo_epochs=2, ppo_minibatch_size=8, env_workers=16,
                         zero_shot_eval=True, run_dir="runs/textworld_ppo_gpu"),
@@ -399,20 +414,21 @@ def ppo(model, tokenizer, config: Config, key, run: RunDir, mesh) -> nnx.Module:
     pad_id = tokenizer.eos_token_id
     bar = tqdm(total=config.ppo_iterations, initial=done, desc="PPO", unit="iter")
     guard = NonFiniteGuard()
-    with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.num_envs,
+    with TextWorldBatch(GameConfig(step_limit=config.ppo_step_limit), config.ppo_games,
                         workers=config.env_workers) as games:
         for iteration in range(done, config.ppo_iterations):
             start = time.time()
             # Game seeds, sampling and shuffles all come from the checkpointed key.
             key, seed_key, play_key, shuffle_key = jax.random.split(key, 4)
             policy = trainer.model(state)
-            seeds = np.asarray(jax.random.randint(seed_key, (config.num_envs,), 0,
-                                                  100_000)).tolist()
-            steps = tqdm(total=config.num_envs * config.ppo_step_limit, unit="step", leave=False,
+            draws = jax.random.randint(seed_key, (config.ppo_games // config.ppo_group,), 0,
+                                       100_000)
+            seeds = np.repeat(np.asarray(draws), config.ppo_group).tolist()
+            steps = tqdm(total=config.ppo_games * config.ppo_step_limit, unit="step", leave=False,
                          desc=f"collect {iteration + 1}")
             episodes, transitions = play(policy.lm, tokenizer, games, seeds, "train", play_key,
                                          agent, value_head=policy.value_head, mesh=mesh,
-                                         on_step=lambda e: steps.update(config.num_envs))
+                                         on_step=lambda e: steps.update(config.ppo_games))
             steps.close()
             collect_seconds = time.time() - start
             rollout, stats = prepare_rollout(transitions, config.max_history is None, reference,

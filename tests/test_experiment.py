@@ -138,11 +138,17 @@ def test_sft_killed_mid_epoch_resumes_from_its_checkpoint_exactly(tmp_path, monk
 def test_cli_errors():
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tpu"])
-    with pytest.raises(ValueError, match="--num-envs must be >= 1"):
-        parse_args(["--preset", "smoke", "--num-envs", "0"])
+    for flag in ("--num-envs", "--ppo-games"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 1"):
+            parse_args(["--preset", "smoke", flag, "0"])
+    with pytest.raises(ValueError, match=r"--ppo-games \(4\) must be a multiple of --ppo-group"):
+        parse_args(["--ppo-games", "4", "--ppo-group", "3"])
+    with pytest.raises(ValueError, match="--ppo-advantage rloo needs --ppo-group >= 2"):
+        parse_args(["--ppo-advantage", "rloo"])
     with pytest.raises(ValueError, match="--eval-step-limits must be one or more limits >= 1"):
         Config.preset("smoke", eval_step_limits=(16, 0))
-    for flag in ("--prompt-style", "--agent-mode", "--collect-mode", "--sft-loss"):
+    for flag in ("--prompt-style", "--agent-mode", "--collect-mode", "--sft-loss",
+                 "--ppo-advantage"):
         with pytest.raises(ValueError, match=f"{flag} must be one of"):
             parse_args(["--preset", "smoke", flag, "chat"])
     with pytest.raises(ValueError, match="--sft-noise must be in"):

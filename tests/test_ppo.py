@@ -1,5 +1,6 @@
 """Action-level PPO on TextWorld with a tiny model: collection and update compute one policy."""
 
+import dataclasses
 import functools
 
 import jax
@@ -17,7 +18,7 @@ from jaxrl_llm.packing import collate, pack_episode, packed_forward
 from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
 from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train.ppo import (PackedRollout, PPOConfig, collate_steps, minibatches, ppo_loss,
-                                 prepare_rollout, step_advantages)
+                                 group_advantages, prepare_rollout, step_advantages)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 CONFIG = PPOConfig(minibatch_size=2, micro_batch_size=1, epochs=1)
@@ -189,6 +190,37 @@ def test_length_norm_divides_scores_by_token_counts():
         jax.nn.log_softmax(jnp.asarray([[-1.0, -3.0]]))), rtol=1e-6)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         action_logprobs(scores, mask, temperature=0.0)
+
+
+def test_group_advantages_leave_one_out_per_game():
+    # Games 0, 1 are two plays of one game, 2, 3 of another; steps come interleaved.
+    games = [0, 1, 2, 3, 0, 3, 2, 0]
+    rewards = np.array([0.5, 0.0, 0.25, 0.5, 0.0, 0.0, 0.25, 0.5], np.float32)
+    transitions = [Transition(g, 0, "a", True) for g in games]
+    # Totals: game 0 1.0, game 1 0.0 -> +1, -1; games 2 and 3 both 0.5 -> no signal.
+    np.testing.assert_allclose(group_advantages(transitions, rewards, 2),
+                               [1.0, -1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="4 games do not form groups of 3 plays"):
+        group_advantages(transitions, rewards, 3)
+    with pytest.raises(ValueError, match="group_size must be >= 2 with advantage 'rloo'"):
+        PPOConfig(advantage="rloo")
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        PPOConfig(advantage="vtrace")
+
+
+@pytest.mark.textworld
+def test_rloo_rollout_gives_every_step_of_a_play_its_advantage(rollout):
+    actor_critic, _, transitions, _, _ = rollout
+    # The two games as two plays of one game: game 0 scores 1 at its first step, game 1 nothing.
+    transitions = [dataclasses.replace(t, reward=float(t.game == 0 and t.step == 0))
+                   for t in transitions]
+    config = dataclasses.replace(CONFIG, advantage="rloo", group_size=2, kl_coef=0.0,
+                                 whiten_advantages=False)
+    packed, _ = prepare_rollout(transitions, False, forward_of(actor_critic.lm), config, 8192,
+                                pad_id=256)
+    advantage = np.concatenate([s["advantage"] for s in packed.steps])
+    game = np.array([t.game for t in transitions])  # one step per sequence, in input order
+    np.testing.assert_allclose(advantage, np.where(game == 0, 1.0, -1.0), atol=1e-6)
 
 
 def test_step_advantages_bootstrap_only_truncated_episodes():

@@ -7,7 +7,8 @@ One PPO iteration, in paper order:
   2. pack each game into one sequence (`jaxrl_llm.packing`; a sliding-window history gives one
      sequence per step) and score it once with the frozen warm start (the KL reference);
   3. rewards minus the KL penalty (k1 of the taken action, "in reward" as the notebook) -> GAE
-     with gamma, lambda at step level (terminated: no future; truncated: bootstrap);
+     with gamma, lambda at step level (terminated: no future; truncated: bootstrap), or RLOO
+     over several plays of the same game (`PPOConfig.advantage`);
   4. several epochs of shuffled minibatch updates of LoRA + value head, each packed game in one
      forward, from the **stored** log-probs (never re-sampled: the ratio is exactly 1 before
      the first update).
@@ -34,6 +35,7 @@ from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_
 from jaxrl_llm.train.hparams import PPOHyperparams, minibatch_rows
 
 POLICIES = ("action", "sequence")
+ADVANTAGES = ("gae", "rloo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class PPOConfig(PPOHyperparams):
       policy: "action" (softmax over valid actions) or "sequence" (free text), see module doc.
       temperature, length_norm: the action policy's softmax temperature and per-token scores
         (must equal the collecting agent's: `agent.AgentConfig`).
+      advantage: "gae" (step-level GAE from the value head) or "rloo": every step of a play
+        gets the play's total reward minus the mean total of the other plays of the same game
+        (`group_advantages`; no critic needed, the value head still trains).
+      group_size: plays of each game per iteration, consecutive in the batch (rloo: >= 2).
     """
 
     learning_rate: float = 1.41e-5
@@ -60,6 +66,8 @@ class PPOConfig(PPOHyperparams):
     policy: str = "action"
     temperature: float = 1.0
     length_norm: bool = False
+    advantage: str = "gae"
+    group_size: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,6 +76,12 @@ class PPOConfig(PPOHyperparams):
                              f"{self.kl_in!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"PPOConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"PPOConfig.advantage must be one of {ADVANTAGES}, got "
+                             f"{self.advantage!r}")
+        if self.group_size < (2 if self.advantage == "rloo" else 1):
+            raise ValueError(f"PPOConfig.group_size must be >= 2 with advantage 'rloo' (>= 1 "
+                             f"otherwise), got {self.group_size}")
         if not self.learning_rate > 0 or not self.temperature > 0:
             raise ValueError(f"PPOConfig.learning_rate and temperature must be > 0, got "
                              f"{self.learning_rate} and {self.temperature}")
@@ -211,6 +225,8 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
               if config.kl_in == "reward" else env_reward)
     old_value = np.array([t.value for t in transitions], np.float32)
     advantage, returns = step_advantages(transitions, reward, config.gamma, config.lam)
+    if config.advantage == "rloo":
+        advantage = group_advantages(transitions, reward, config.group_size)
     if config.whiten_advantages:
         advantage = np.asarray(losses.masked_whiten(advantage[None],
                                                     np.ones((1, len(advantage)))))[0]
@@ -257,6 +273,20 @@ def step_advantages(transitions, rewards: np.ndarray, gamma: float, lam: float):
     rows = [index[t.game] for t in transitions]
     cols = [t.step for t in transitions]
     return advantages[rows, cols], returns[rows, cols]
+
+
+def group_advantages(transitions, rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """RLOO over plays of the same game (`losses.rloo_advantages`): games `0..G*k-1` are G groups
+    of k = `group_size` consecutive plays; every step of a play gets the play's summed reward
+    minus the mean sum of the group's other plays. Returns `[N]` in input order."""
+    games = sorted({t.game for t in transitions})
+    if len(games) % group_size:
+        raise ValueError(f"{len(games)} games do not form groups of {group_size} plays")
+    index = {g: i for i, g in enumerate(games)}
+    rows = [index[t.game] for t in transitions]
+    totals = np.zeros(len(games), np.float32)
+    np.add.at(totals, rows, rewards)
+    return np.asarray(losses.rloo_advantages(totals.reshape(-1, group_size))).reshape(-1)[rows]
 
 
 def collate_steps(rollout: PackedRollout, rows: Sequence[int], pad_id: int = 0
