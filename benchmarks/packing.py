@@ -16,6 +16,7 @@ line is printed when it ends. Last line: `packed vs per-step: X.XXx faster, Y.YY
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import signal
@@ -25,8 +26,6 @@ import time
 
 
 def run(variant: str, games: int, style: str, remat: bool) -> dict:
-    import functools
-
     import jax
     import numpy as np
     from flax import nnx
@@ -83,9 +82,10 @@ def measure(variant: str, args) -> dict:
     done = subprocess.run(command + ([] if args.remat else ["--no-remat"]),
                           capture_output=True, text=True)
     if done.returncode:
-        why = (f"killed by {signal.Signals(-done.returncode).name} (out of memory?)"
-               if done.returncode < 0 else f"failed: {done.stderr.strip().splitlines()[-1:]}")
-        raise SystemExit(f"{variant} variant {why}: try fewer --games")
+        why = (f"killed by {signal.Signals(-done.returncode).name} (out of memory?): try fewer "
+               "--games" if done.returncode < 0
+               else f"failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise SystemExit(f"{variant} variant {why}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -112,6 +112,7 @@ def main(argv=None) -> None:
     packed, per_step = results["packed"], results["per-step"]
     print(f"packed vs per-step: {per_step['seconds_per_game'] / packed['seconds_per_game']:.2f}x "
           f"faster, {per_step['tokens_per_game'] / packed['tokens_per_game']:.2f}x fewer tokens")
+
 
 if __name__ == "__main__":
     main()

@@ -252,13 +252,10 @@ def step_advantages(transitions, rewards: np.ndarray, gamma: float, lam: float):
     Values are the transitions' `value`; a truncated episode bootstraps from its last
     transition's `next_value` (V of the state it was cut at), a terminated one has no future.
     """
-    games = sorted({t.game for t in transitions})
-    length = max(t.step for t in transitions) + 1
-    index = {g: i for i, g in enumerate(games)}
-    shape = (len(games), length)
+    num_games, rows = _game_rows(transitions)
+    shape = (num_games, max(t.step for t in transitions) + 1)
     r, v, next_v, terminated, mask = (np.zeros(shape, np.float32) for _ in range(5))
-    for n, t in enumerate(transitions):
-        i = index[t.game]
+    for n, (i, t) in enumerate(zip(rows, transitions)):
         r[i, t.step], v[i, t.step], mask[i, t.step] = rewards[n], t.value, 1.0
         terminated[i, t.step] = float(t.terminated)
         next_v[i, t.step] = t.next_value
@@ -270,7 +267,6 @@ def step_advantages(transitions, rewards: np.ndarray, gamma: float, lam: float):
         jnp.asarray(r), jnp.asarray(v), jnp.asarray(next_v), jnp.asarray(terminated),
         jnp.asarray(mask), gamma=gamma, lam=lam)
     advantages, returns = np.asarray(advantages), np.asarray(returns)
-    rows = [index[t.game] for t in transitions]
     cols = [t.step for t in transitions]
     return advantages[rows, cols], returns[rows, cols]
 
@@ -279,14 +275,18 @@ def group_advantages(transitions, rewards: np.ndarray, group_size: int) -> np.nd
     """RLOO over plays of the same game (`losses.rloo_advantages`): games `0..G*k-1` are G groups
     of k = `group_size` consecutive plays; every step of a play gets the play's summed reward
     minus the mean sum of the group's other plays. Returns `[N]` in input order."""
-    games = sorted({t.game for t in transitions})
-    if len(games) % group_size:
-        raise ValueError(f"{len(games)} games do not form groups of {group_size} plays")
-    index = {g: i for i, g in enumerate(games)}
-    rows = [index[t.game] for t in transitions]
-    totals = np.zeros(len(games), np.float32)
+    num_games, rows = _game_rows(transitions)
+    if num_games % group_size:
+        raise ValueError(f"{num_games} games do not form groups of {group_size} plays")
+    totals = np.zeros(num_games, np.float32)
     np.add.at(totals, rows, rewards)
     return np.asarray(losses.rloo_advantages(totals.reshape(-1, group_size))).reshape(-1)[rows]
+
+
+def _game_rows(transitions) -> tuple[int, list[int]]:
+    """The number of games in `transitions` and each transition's game row (games in order)."""
+    index = {g: i for i, g in enumerate(sorted({t.game for t in transitions}))}
+    return len(index), [index[t.game] for t in transitions]
 
 
 def collate_steps(rollout: PackedRollout, rows: Sequence[int], pad_id: int = 0
