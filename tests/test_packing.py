@@ -148,10 +148,11 @@ def test_bad_episodes_are_refused_with_a_clear_message():
 def test_packed_gold_game_equals_play_on_the_default_model():
     """SmolLM2 int8 + nonzero LoRA, float32, a whole gold game with every valid action as a
     candidate: the packed forward's action scores, values and argmax equal those of play's
-    path (prefill the per-step prompt into a KV cache, score the candidates against it)."""
+    path (each step's new history text and tail scored against the KV cache of the steps
+    before, the new text kept in it)."""
     from jaxrl_llm.data import encode_episode, expert_episodes
     from jaxrl_llm.envs.textworld import GameConfig
-    from jaxrl_llm.generation import DecodeState, extend, score_continuations
+    from jaxrl_llm.generation import DecodeState, score_continuations
     from jaxrl_llm.padding import pad_right
     from jaxrl_llm.model import load_model
     from jaxrl_llm.model.value_head import ValueHead
@@ -166,20 +167,23 @@ def test_packed_gold_game_equals_play_on_the_default_model():
     rows = expert_episodes(GameConfig(), range(8), "train", progress=False)
     row = next(r for r in rows if len(r["actions"]) >= 18)
     (packed,), gold = encode_episode(tokenizer, row, "compact", candidates=True)
-    out = packed_forward(model, jax.tree.map(jnp.asarray, collate([packed], pad_id=0)))
+    graphdef, params = nnx.split(model)
+    out = jax.jit(lambda p, b: packed_forward(nnx.merge(graphdef, p), b))(
+        params, jax.tree.map(jnp.asarray, collate([packed], pad_id=0)))
+    state, kept = DecodeState.empty(model.config, 1, 2048), 0
     for s in range(len(packed.decisions)):
         seen = (packed.branch == -1) & (np.arange(packed.num_tokens) < packed.decisions[s])
-        history = packed.tokens[seen].tolist()
+        new = packed.tokens[seen][kept:].tolist()
+        kept += len(new)
         tail = packed.tokens[(packed.branch == s) & (packed.leaf == -1)].tolist()
         leaves = [packed.tokens[(packed.branch == s) & (packed.leaf == c)].tolist()
                   for c in range(int((packed.leaf_lengths[s] > 0).sum()))]
-        state = extend(model, DecodeState.empty(model.config, 1, 2048), *pad_right([history]))
         candidates = np.zeros((1, len(leaves), 16), np.int32)
         mask = np.zeros(candidates.shape, bool)
         for c, ids in enumerate(leaves):
             candidates[0, c, :len(ids)], mask[0, c, :len(ids)] = ids, True
-        (scores, hidden), _ = score_continuations(model, state, *pad_right([tail]), candidates,
-                                                  mask)
+        (scores, hidden), state = score_continuations(model, state, *pad_right([new + tail]),
+                                                      candidates, mask, keep=[len(new)])
         np.testing.assert_allclose(np.asarray(out.scores[0, s, :len(leaves)]),
                                    np.asarray(scores[0]), atol=1e-4, rtol=0)
         assert int(np.argmax(out.scores[0, s, :len(leaves)])) == int(np.argmax(scores[0]))

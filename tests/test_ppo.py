@@ -105,12 +105,12 @@ def test_padded_steps_and_candidates_never_reach_the_loss(rollout):
     # Padded candidate slots of real steps carry garbage reference log-probs too.
     no_leaf = ~(batch["leaf_lengths"] > 0)
     garbage["ref_logpi"] = jnp.where(no_leaf, 77.0, garbage["ref_logpi"])
-    loss_fn = lambda b: ppo_loss(actor_critic, b, PPOConfig(kl_in="loss"))
+    loss_fn = jax.jit(lambda b: ppo_loss(actor_critic, b, PPOConfig(kl_in="loss")))
     for a, b in zip(loss_fn(batch), loss_fn(garbage)):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), a, b)
     graphdef, state = nnx.split(actor_critic)
-    g = lambda b: jax.grad(lambda s: ppo_loss(nnx.merge(graphdef, s), b,
-                                              PPOConfig(kl_in="loss"))[0])(state)
+    g = jax.jit(lambda b: jax.grad(lambda s: ppo_loss(nnx.merge(graphdef, s), b,
+                                                      PPOConfig(kl_in="loss"))[0])(state))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7),
                  g(batch), g(garbage))
 

@@ -15,6 +15,7 @@ from jaxrl_llm.padding import bucket_length
 from jaxrl_llm.train.sft import (SFTConfig, batches, completion_loss, episode_batches,
                                  packed_choice_loss, packed_completion_loss)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer, micro_batches
+from tests.test_packing import per_step_reference
 
 
 def tiny_lora():
@@ -156,18 +157,10 @@ def test_choice_loss_is_the_cross_entropy_over_candidates_plus_the_gold_nll():
                                     gold=gold))
     loss, count, metrics = packed_choice_loss(model, jax.tree.map(jnp.asarray, batch))
     expected, correct = 0.0, 0
-    for (trunk, tails, leaves), steps in zip(games, gold):
-        for s, g in enumerate(steps):
+    for game, steps in zip(games, gold):
+        for scores, g in zip(per_step_reference(model, *game)[0], steps):
             if g < 0:
                 continue
-            prompt = [i for chunk in trunk[:s + 1] for i in chunk] + tails[s]
-            scores = []
-            for ids in leaves[s]:
-                seq = jnp.asarray([prompt + ids])
-                mask = jnp.ones(seq.shape, bool)
-                logits, _, _ = model(seq, positions_from_mask(mask), causal_mask(mask))
-                scores.append(float(token_logprobs(logits[:, len(prompt) - 1:-1],
-                                                   seq[:, len(prompt):]).sum()))
             scores = np.array(scores)
             log_pi = scores - np.log(np.exp(scores - scores.max()).sum()) - scores.max()
             expected += -log_pi[g] - scores[g]
