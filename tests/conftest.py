@@ -1,6 +1,9 @@
-"""Test-wide settings: silent broadcasting is an error, and the real-model tests are marked."""
+"""Test-wide settings: silent broadcasting is an error, the real-model tests are marked, and
+compiled programs are shared through one run's disk cache."""
 
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -11,6 +14,18 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: uses the SmolLM2-135M GGUF (slower)")
     config.addinivalue_line("markers", "textworld: starts TextWorld Express JVMs")
+    # Tests build the same programs many times over (a Trainer or play per test, the smoke
+    # runs in subprocesses): one disk cache per run, made by the first process and inherited
+    # by xdist workers and subprocesses through the environment, spares the slow recompiles.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        config.xla_cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+            prefix="jaxrl_llm_xla_")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "xla_cache"):
+        shutil.rmtree(config.xla_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
