@@ -41,7 +41,7 @@ from jaxrl_llm.metrics import RunDir
 from jaxrl_llm.model.loading import QUANTIZE_MODES
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
-from jaxrl_llm.packing import check_episodes, packed_forward
+from jaxrl_llm.packing import check_episodes, packed_scorer
 from jaxrl_llm.sharding import MeshConfig, make_mesh, shard_model
 from jaxrl_llm.train.ppo import (ADVANTAGES, PPOConfig, minibatches, ppo_loss,
                                  prepare_rollout)
@@ -264,13 +264,6 @@ def evaluate(model, tokenizer, config: Config, key, label: str, mesh,
                            config.eval_step_limits, workers=config.env_workers,
                            label=f"eval {label} {agent.mode}", settings=settings,
                            record_dir=os.path.join(config.run_dir, "eval") if policy else None)
-
-
-def packed_scorer(model):
-    """A jitted `packing.packed_forward` of `model`'s current weights (no gradient)."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, batch: packed_forward(nnx.merge(graphdef, state), batch))
-    return lambda batch: forward(state, batch)
 
 
 def gold_episodes(tokenizer, config: Config, fold: str, num_games: int, candidates: bool,

@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxrl_llm.logprobs import head_logprobs
 from jaxrl_llm.model.llama import BranchMask
@@ -202,3 +203,10 @@ def packed_forward(model, batch, *, remat: bool = False) -> PackedOutput:
         jnp.arange(b)[:, None], slot].add(x, mode="drop").reshape(b, s, c)
     return PackedOutput(logprobs, per_leaf(logprobs), per_leaf(entropy),
                         take(batch["decisions"]))
+
+
+def packed_scorer(model):
+    """A jitted `packed_forward` of `model`'s current weights (no gradient): `batch -> output`."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, batch: packed_forward(nnx.merge(graphdef, state), batch))
+    return lambda batch: forward(state, batch)

@@ -27,13 +27,9 @@ def _forward(model, tokens, mask):
 def full_logits(model, tokens):
     """Logits of `tokens [B, T]` by one forward without a cache, right-padded to a bucketed
     width (causal: the padding changes no real position) so few programs compile."""
-    tokens = np.asarray(tokens, np.int32)
-    width = padding.bucket_length(tokens.shape[1])
-    padded = np.zeros((len(tokens), width), np.int32)
-    padded[:, :tokens.shape[1]] = tokens
-    mask = np.arange(width) < tokens.shape[1]
-    mask = np.broadcast_to(mask, padded.shape)
-    return np.asarray(_forward(model, jnp.asarray(padded), jnp.asarray(mask)))[:, :tokens.shape[1]]
+    tokens = np.asarray(tokens).tolist()
+    padded, mask = pad_right(tokens)
+    return np.asarray(_forward(model, jnp.asarray(padded), jnp.asarray(mask)))[:, :len(tokens[0])]
 
 
 def greedy_reference(model, prompt, num_new):

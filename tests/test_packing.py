@@ -9,7 +9,8 @@ from flax import nnx
 from jaxrl_llm.logprobs import token_logprobs
 from jaxrl_llm.model import ModelConfig, Transformer, causal_mask, positions_from_mask
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
-from jaxrl_llm.packing import check_episodes, collate, pack_episode, packed_forward
+from jaxrl_llm.packing import (check_episodes, collate, pack_episode, packed_forward,
+                               packed_scorer)
 
 
 def tiny_lora(seed=0):
@@ -167,9 +168,7 @@ def test_packed_gold_game_equals_play_on_the_default_model():
     rows = expert_episodes(GameConfig(), range(8), "train", progress=False)
     row = next(r for r in rows if len(r["actions"]) >= 18)
     (packed,), gold = encode_episode(tokenizer, row, "compact", candidates=True)
-    graphdef, params = nnx.split(model)
-    out = jax.jit(lambda p, b: packed_forward(nnx.merge(graphdef, p), b))(
-        params, jax.tree.map(jnp.asarray, collate([packed], pad_id=0)))
+    out = packed_scorer(model)(jax.tree.map(jnp.asarray, collate([packed], pad_id=0)))
     state, kept = DecodeState.empty(model.config, 1, 2048), 0
     for s in range(len(packed.decisions)):
         seen = (packed.branch == -1) & (np.arange(packed.num_tokens) < packed.decisions[s])

@@ -14,7 +14,7 @@ from jaxrl_llm.envs.textworld import GameConfig, TextWorldBatch
 from jaxrl_llm.model import ModelConfig, Transformer
 from jaxrl_llm.model.lora import LoraConfig, apply_lora
 from jaxrl_llm.model.value_head import ActorCritic
-from jaxrl_llm.packing import collate, pack_episode, packed_forward
+from jaxrl_llm.packing import collate, pack_episode, packed_forward, packed_scorer
 from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
 from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train.ppo import (PackedRollout, PPOConfig, collate_steps, minibatches, ppo_loss,
@@ -32,12 +32,6 @@ def tiny_actor_critic():
     return actor_critic
 
 
-def forward_of(model):
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, b: packed_forward(nnx.merge(graphdef, s), b))
-    return lambda batch: forward(state, batch)
-
-
 @pytest.fixture(scope="module", params=[None, 1], ids=["packed", "window"])
 def rollout(request):
     actor_critic = tiny_actor_critic()
@@ -48,7 +42,7 @@ def rollout(request):
                                      jax.random.key(0), agent,
                                      value_head=actor_critic.value_head)
     packed, stats = prepare_rollout(transitions, request.param is None,
-                                    forward_of(actor_critic.lm), CONFIG, 8192, pad_id=256)
+                                    packed_scorer(actor_critic.lm), CONFIG, 8192, pad_id=256)
     return actor_critic, episodes, transitions, packed, stats
 
 
@@ -135,11 +129,11 @@ def test_action_update_raises_the_probability_of_a_rewarded_candidate():
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(3, 250, n).tolist()
     episode = pack_episode([ids(20)], [ids(3)], [[ids(3), ids(4), ids(2)]])
-    forward = forward_of(actor_critic.lm)
+    forward = packed_scorer(actor_critic.lm)
 
     def prob_of_one():
         b = collate([episode])
-        logpi = action_logprobs(forward_of(trainer.model(state).lm)(b).scores, b["leaf_lengths"] > 0)
+        logpi = action_logprobs(packed_scorer(trainer.model(state).lm)(b).scores, b["leaf_lengths"] > 0)
         return float(jnp.exp(logpi[0, 0, 1]))
 
     b = collate([episode])
@@ -216,7 +210,7 @@ def test_rloo_rollout_gives_every_step_of_a_play_its_advantage(rollout):
                    for t in transitions]
     config = dataclasses.replace(CONFIG, advantage="rloo", group_size=2, kl_coef=0.0,
                                  whiten_advantages=False)
-    packed, _ = prepare_rollout(transitions, False, forward_of(actor_critic.lm), config, 8192,
+    packed, _ = prepare_rollout(transitions, False, packed_scorer(actor_critic.lm), config, 8192,
                                 pad_id=256)
     advantage = np.concatenate([s["advantage"] for s in packed.steps])
     game = np.array([t.game for t in transitions])  # one step per sequence, in input order
