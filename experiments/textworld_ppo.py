@@ -57,7 +57,7 @@ SFT_FIELDS = ("model_path", "quantize", "lora_rank", "lora_alpha", "lora_layers"
               "sft_noise", "sft_epochs", "sft_batch_size", "sft_learning_rate", "seed")
 PPO_FIELDS = SFT_FIELDS + ("collect_mode", "temperature", "length_norm", "ppo_step_limit",
                            "ppo_epochs", "ppo_minibatch_size", "ppo_learning_rate", "kl_coef",
-                           "kl_in", "ppo_games", "ppo_group", "ppo_advantage")
+                           "kl_in", "ppo_games", "ppo_group", "ppo_advantage", "ppo_top_k")
 SFT_LOSSES = ("choice", "completion")
 CURVES = ("mean_score", "success_rate", "env_reward", "kl_ref", "entropy", "clip_fraction",
           "approx_kl", "explained_variance", "value_loss", "policy_loss", "valid_action_rate",
@@ -118,6 +118,9 @@ class Config:
     ppo_group: int = 1
     ppo_advantage: str = "gae"  # "gae" (value head) or "rloo" (the group's other plays)
     ppo_step_limit: int = 16  # step limit of the training games (notebook 000's)
+    # The update scores each step's k likeliest valid actions (and the chosen one), pi
+    # renormalised over them (0: all ~35; their tokens are most of a packed PPO game).
+    ppo_top_k: int = 0
     ppo_epochs: int = 1  # passes over each iteration's games
     ppo_minibatch_size: int = 2  # packed games per PPO update
     ppo_learning_rate: float = 1e-5  # Adam learning rate of the PPO updates
@@ -160,9 +163,9 @@ class Config:
         if self.sft_negatives < 0 or self.sft_checkpoint_every < 0:
             raise ValueError(f"--sft-negatives and --sft-checkpoint-every must be >= 0, got "
                              f"{self.sft_negatives} and {self.sft_checkpoint_every}")
-        if self.dev_games < 0 or self.ppo_iterations < 0:
-            raise ValueError(f"--dev-games and --ppo-iterations must be >= 0, got "
-                             f"{self.dev_games} and {self.ppo_iterations}")
+        if min(self.dev_games, self.ppo_iterations, self.ppo_top_k) < 0:
+            raise ValueError(f"--dev-games, --ppo-iterations and --ppo-top-k must be >= 0, got "
+                             f"{self.dev_games}, {self.ppo_iterations} and {self.ppo_top_k}")
         if not self.eval_step_limits or min(self.eval_step_limits) < 1:
             raise ValueError(f"--eval-step-limits must be one or more limits >= 1, got "
                              f"{self.eval_step_limits}")
@@ -206,7 +209,8 @@ class Config:
                          micro_batch_size=self.sft_micro_batch_size,
                          policy="action" if self.collect_mode == "score" else "sequence",
                          temperature=self.temperature, length_norm=self.length_norm,
-                         advantage=self.ppo_advantage, group_size=self.ppo_group)
+                         advantage=self.ppo_advantage, group_size=self.ppo_group,
+                         top_k=self.ppo_top_k)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Config":

@@ -78,7 +78,9 @@ class Transition:
     prompt (`max_history=k`). `candidate_ids` are the actions the policy chose among (score
     mode: every valid action, " a" + EOS) or the sampled action (generate mode); `logprob` is
     log pi(candidate_ids[choice] | s) under the distribution it was drawn from (score mode: the
-    softmax over candidates; generate mode: the summed token log-prob).
+    softmax over candidates; generate mode: the summed token log-prob), and
+    `candidate_logprobs` is log pi of every candidate (the update may keep only the likeliest:
+    `train.ppo.top_candidates`).
     """
 
     game: int
@@ -95,10 +97,11 @@ class Transition:
     context_ids: list[int] = dataclasses.field(default_factory=list)
     tail_ids: list[int] = dataclasses.field(default_factory=list)
     candidate_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    candidate_logprobs: list[float] = dataclasses.field(default_factory=list)
 
 
-# What evaluation records leave out: the learner's token ids.
-TOKEN_FIELDS = ("context_ids", "tail_ids", "candidate_ids")
+# What evaluation records leave out: what only the learner reads.
+LEARNER_FIELDS = ("context_ids", "tail_ids", "candidate_ids", "candidate_logprobs")
 
 
 def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Array,
@@ -150,6 +153,7 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             actions = text.decode_actions(tokenizer, out.tokens, out.lengths)
             candidates = [[row[:n].tolist()] for row, n in zip(out.tokens, out.lengths)]
             choices, logprobs, hidden = [0] * len(actions), out.logprobs.sum(1), out.prompt_hidden
+            logpis = [[float(x)] for x in logprobs]
         else:
             if empty := [e.seed for e, row in zip(episodes, rows) if row and not e.valid_actions]:
                 raise ValueError(f"games of seeds {empty} offer no valid action: score mode "
@@ -161,10 +165,11 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
             options = [e.valid_actions if row else ["look"] for e, row in zip(episodes, rows)]
             candidates = [[text.encode_action(tokenizer, t, a) for a in opts]
                           for t, opts in zip(tail_text, options)]
-            choices, logprobs, hidden, state = _choose_by_score(
+            choices, logpis, hidden, state = _choose_by_score(
                 model, state, scored, [pending[g] for g in scored],
                 [tails[g] for g in scored], [candidates[g] for g in scored], step_key, config)
             actions = [opts[c] for opts, c in zip(options, choices)]
+            logprobs = [pi[c] if pi else 0.0 for pi, c in zip(logpis, choices)]
         values = (np.asarray(value_head(hidden)).tolist() if value_head is not None
                   else [0.0] * len(episodes))
         for game, e in enumerate(episodes):
@@ -173,7 +178,7 @@ def play(model, tokenizer, games: TextWorldBatch, seeds, fold: str, key: jax.Arr
                     game, e.num_steps, actions[game], actions[game] in e.valid_actions,
                     logprob=float(logprobs[game]), value=values[game], choice=int(choices[game]),
                     context_ids=pending[game], tail_ids=tails[game],
-                    candidate_ids=candidates[game])
+                    candidate_ids=candidates[game], candidate_logprobs=logpis[game])
                 transitions.append(last[game])
             elif rows[game]:
                 last[game].next_value = values[game]
@@ -199,8 +204,8 @@ def _choose_by_score(model, state, rows, pending, tails, encoded, key, config: A
     """Prefill each scored row's pending history with its tail and score every candidate
     against it, in one call; pick by the action-level policy.
 
-    Returns `(choices [B], log pi(choice) [B], prompt_hidden [B, D], state)`, zeros on the
-    rows not scored.
+    Returns `(choices [B], log pi of each row's candidates (lists, empty on the rows not
+    scored), prompt_hidden [B, D] (zeros on the rows not scored), state)`.
     """
     candidates, mask = pad_candidates(encoded)
     prefix = [p + t for p, t in zip(pending, tails)]
@@ -214,10 +219,12 @@ def _choose_by_score(model, state, rows, pending, tails, encoded, key, config: A
     else:
         choice = np.asarray(jax.random.categorical(key, logpi, axis=-1))
     batch, rows, hidden = state.lengths.shape[0], np.asarray(rows, np.int64), np.asarray(hidden)
-    choices, logprob = np.zeros(batch, np.int64), np.zeros(batch, np.float32)
+    choices, logpis = np.zeros(batch, np.int64), [[] for _ in range(batch)]
     states = np.zeros((batch, hidden.shape[1]), hidden.dtype)
-    choices[rows], logprob[rows], states[rows] = choice, logpi[np.arange(len(rows)), choice], hidden
-    return choices, logprob, states, state
+    choices[rows], states[rows] = choice, hidden
+    for row, pi, n in zip(rows, logpi, (len(c) for c in encoded)):
+        logpis[row] = pi[:n].tolist()
+    return choices, logpis, states, state
 
 
 BASELINES = ("random", "gold")

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxrl_llm.agent import TOKEN_FIELDS, Transition
+from jaxrl_llm.agent import LEARNER_FIELDS, Transition
 from jaxrl_llm.envs.textworld import Episode, GameConfig, TextWorldBatch, missed_ingredient
 from jaxrl_llm.generation import compile_count
 
@@ -126,7 +126,7 @@ def _append_chunk(path: str, header: dict, start: int, episodes, transitions) ->
     # A kill before the first chunk's write leaves no file, or (cut by `read_eval_record`) an
     # empty one: either way the header comes first.
     lines = [] if os.path.exists(path) and os.path.getsize(path) else [{"header": header}]
-    drop = set(TOKEN_FIELDS)
+    drop = set(LEARNER_FIELDS)
     lines.append(dict(start=start, episodes=[dataclasses.asdict(e) for e in episodes],
                       transitions=[{k: v for k, v in dataclasses.asdict(t).items()
                                     if k not in drop} for t in transitions]))

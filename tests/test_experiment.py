@@ -161,8 +161,10 @@ def test_cli_errors():
         parse_args(["--lora-layers", "-1"])
     with pytest.raises(ValueError, match="--lora-layers 3 is more than the model's 2 layers"):
         textworld_ppo.load_policy(Config.preset("smoke", lora_layers=3))
-    with pytest.raises(ValueError, match="--dev-games and --ppo-iterations must be >= 0"):
-        parse_args(["--ppo-iterations", "-1"])
+    for flag in ("--ppo-iterations", "--ppo-top-k"):
+        with pytest.raises(ValueError, match="--dev-games, --ppo-iterations and --ppo-top-k "
+                                             "must be >= 0"):
+            parse_args([flag, "-1"])
     # Sub-configs are validated with the run's config, before anything loads.
     with pytest.raises(ValueError, match="kl_in must be one of"):
         parse_args(["--kl-in", "both"])

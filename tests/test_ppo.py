@@ -18,7 +18,8 @@ from jaxrl_llm.packing import collate, pack_episode, packed_forward, packed_scor
 from jaxrl_llm.scoring import action_logprobs, categorical_entropy, categorical_kl
 from jaxrl_llm.text import ByteTokenizer
 from jaxrl_llm.train.ppo import (PackedRollout, PPOConfig, collate_steps, minibatches, ppo_loss,
-                                 group_advantages, prepare_rollout, step_advantages)
+                                 group_advantages, prepare_rollout, step_advantages,
+                                 top_candidates)
 from jaxrl_llm.train.step import OptimConfig, Trainer, make_optimizer
 
 CONFIG = PPOConfig(minibatch_size=2, micro_batch_size=1, epochs=1)
@@ -46,11 +47,9 @@ def rollout(request):
     return actor_critic, episodes, transitions, packed, stats
 
 
-@pytest.mark.textworld
-def test_update_recomputes_the_collected_policy_exactly(rollout):
-    # Play scored candidates against its KV cache; the update scores them in a packed
-    # forward: the same log pi(choice), values, and a ratio of exactly 1 before any update.
-    actor_critic, _, transitions, packed, stats = rollout
+def assert_update_recomputes(actor_critic, transitions, packed, stats):
+    """The packed forward gives the stored log pi(choice) and values: a ratio of exactly 1
+    before any update, and a zero KL to a reference that is the policy itself."""
     assert stats["valid_action_rate"] == 1.0
     batch = jax.tree.map(jnp.asarray, collate_steps(packed, list(range(len(packed.episodes)))))
     out = packed_forward(actor_critic.lm, batch)
@@ -69,6 +68,50 @@ def test_update_recomputes_the_collected_policy_exactly(rollout):
     assert float(metrics["clip_fraction"][0]) == 0.0
     assert float(metrics["clip_fraction"][1]) == len(transitions)
     assert float(metrics["kl_ref"]) == pytest.approx(0.0, abs=1e-5)  # reference == policy
+
+
+@pytest.mark.textworld
+def test_update_recomputes_the_collected_policy_exactly(rollout):
+    # Play scored candidates against its KV cache; the update scores them in a packed forward.
+    actor_critic, _, transitions, packed, stats = rollout
+    for t in transitions:  # play's log pi over the candidates, and the chosen one's
+        assert len(t.candidate_logprobs) == len(t.candidate_ids)
+        assert np.logaddexp.reduce(t.candidate_logprobs) == pytest.approx(0.0, abs=1e-5)
+        assert t.logprob == pytest.approx(t.candidate_logprobs[t.choice], abs=1e-6)
+    assert stats["kept_mass"] == 1.0
+    assert_update_recomputes(actor_critic, transitions, packed, stats)
+
+
+@pytest.mark.textworld
+def test_top_k_update_recomputes_the_renormalised_policy_exactly(rollout):
+    actor_critic, _, transitions, packed, _ = rollout
+    config = dataclasses.replace(CONFIG, top_k=2)
+    shared = len(packed.episodes) < len(transitions)  # a packed game holds several steps
+    small, stats = prepare_rollout(transitions, shared, packed_scorer(actor_critic.lm), config,
+                                   8192, pad_id=256)
+    assert max(len(t.candidate_ids) for t in transitions) > 3  # some steps lose candidates
+    assert max(int((s > 0).sum()) for e in small.episodes for s in e.leaf_lengths) <= 3
+    assert sum(e.num_tokens for e in small.episodes) < sum(e.num_tokens for e in packed.episodes)
+    assert 0.0 < stats["kept_mass"] < 1.0
+    assert_update_recomputes(actor_critic, transitions, small, stats)
+
+
+def test_top_candidates_keep_the_likeliest_and_the_choice():
+    probs = np.array([0.5, 0.05, 0.3, 0.1, 0.05])
+    step = lambda choice: Transition(0, 0, "a", True, logprob=float(np.log(probs[choice])),
+                                     choice=choice, candidate_ids=[[i] for i in range(5)],
+                                     candidate_logprobs=np.log(probs).tolist())
+    (kept, top), mass = top_candidates([step(3), step(0)], 2)
+    assert kept.candidate_ids == [[0], [2], [3]] and kept.choice == 2
+    assert kept.logprob == pytest.approx(np.log(0.1 / 0.9))
+    np.testing.assert_allclose(np.exp(kept.candidate_logprobs), [0.5 / 0.9, 0.3 / 0.9, 0.1 / 0.9])
+    assert top.candidate_ids == [[0], [2]] and top.choice == 0
+    assert top.logprob == pytest.approx(np.log(0.5 / 0.8))
+    np.testing.assert_allclose(mass, [0.9, 0.8])
+    (same,), mass = top_candidates([step(1)], 5)  # k >= the candidates: nothing dropped
+    assert same == step(1) and mass[0] == 1.0
+    with pytest.raises(ValueError, match="candidate log-probs"):
+        top_candidates([dataclasses.replace(step(1), candidate_logprobs=[0.0])], 2)
 
 
 @pytest.mark.textworld
@@ -234,6 +277,8 @@ def test_step_advantages_bootstrap_only_truncated_episodes():
 def test_bad_ppo_config():
     with pytest.raises(ValueError, match="kl_in must be one of"):
         PPOConfig(kl_in="both")
+    with pytest.raises(ValueError, match="top_k"):
+        PPOConfig(top_k=-1)
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         PPOConfig(minibatch_size=6, micro_batch_size=4)
     with pytest.raises(ValueError, match="policy must be one of"):

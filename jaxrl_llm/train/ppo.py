@@ -58,6 +58,10 @@ class PPOConfig(PPOHyperparams):
         gets the play's total reward minus the mean total of the other plays of the same game
         (`group_advantages`; no critic needed, the value head still trains).
       group_size: plays of each game per iteration, consecutive in the batch (rloo: >= 2).
+      top_k: score only each step's k likeliest candidates under the sampling policy (and the
+        chosen one) in the reference and the update, pi renormalised over them
+        (`top_candidates`); 0 keeps every candidate. A state offers ~35 valid actions, most
+        of them with almost no mass, and their tokens are most of a packed game.
     """
 
     learning_rate: float = 1.41e-5
@@ -68,6 +72,7 @@ class PPOConfig(PPOHyperparams):
     length_norm: bool = False
     advantage: str = "gae"
     group_size: int = 1
+    top_k: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,6 +87,9 @@ class PPOConfig(PPOHyperparams):
         if self.group_size < (2 if self.advantage == "rloo" else 1):
             raise ValueError(f"PPOConfig.group_size must be >= 2 with advantage 'rloo' (>= 1 "
                              f"otherwise), got {self.group_size}")
+        if self.top_k < 0:
+            raise ValueError(f"PPOConfig.top_k must be >= 0 (0: every candidate), got "
+                             f"{self.top_k}")
         if not self.learning_rate > 0 or not self.temperature > 0:
             raise ValueError(f"PPOConfig.learning_rate and temperature must be > 0, got "
                              f"{self.learning_rate} and {self.temperature}")
@@ -206,6 +214,9 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
     Returns:
       `(rollout, stats)`.
     """
+    kept_mass = np.ones(len(transitions))
+    if config.top_k:
+        transitions, kept_mass = top_candidates(transitions, config.top_k)
     episodes, members = pack_rollout(transitions, shared_history, max_len)
     ref_logprob = np.zeros(len(transitions), np.float32)
     ref_logpi = []
@@ -242,8 +253,41 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
     stats = dict(env_reward=float(env_reward.sum()), kl_ref_k1=float(kl.mean()),
                  explained_variance=float(explained), transitions=len(transitions),
                  valid_action_rate=float(np.mean([t.valid for t in transitions])),
-                 candidates=float(np.mean([len(t.candidate_ids) for t in transitions])))
+                 candidates=float(np.mean([len(t.candidate_ids) for t in transitions])),
+                 kept_mass=float(kept_mass.mean()))
     return PackedRollout(episodes, steps), stats
+
+
+def top_candidates(transitions, k: int):
+    """Each step restricted to its k likeliest candidates under the sampling policy, plus the
+    chosen one, in their original order: `(transitions, kept mass [N])`.
+
+    The policy the update then trains is pi renormalised over the kept candidates: the stored
+    log pi(choice) becomes `log pi(choice) - log(kept mass)`, which is exactly what a forward
+    over the kept leaves computes with the sampling parameters (the ratio stays 1 before the
+    first update). The kept mass (`exp` of the kept candidates' logsumexp) says how much of
+    pi the update no longer sees.
+    """
+    restricted, kept_mass = [], np.ones(len(transitions))
+    for n, t in enumerate(transitions):
+        logpi = np.asarray(t.candidate_logprobs, np.float64)
+        if len(logpi) != len(t.candidate_ids):
+            raise ValueError(f"transition {n} has {len(logpi)} candidate log-probs for "
+                             f"{len(t.candidate_ids)} candidates: collect with `agent.play`")
+        if len(logpi) <= k:
+            restricted.append(t)
+            continue
+        keep = np.zeros(len(logpi), bool)
+        keep[np.argsort(-logpi, kind="stable")[:k]] = True
+        keep[t.choice] = True
+        index = np.flatnonzero(keep)
+        log_mass = float(np.logaddexp.reduce(logpi[index]))
+        kept_mass[n] = np.exp(log_mass)
+        restricted.append(dataclasses.replace(
+            t, choice=int(np.searchsorted(index, t.choice)), logprob=t.logprob - log_mass,
+            candidate_ids=[t.candidate_ids[i] for i in index],
+            candidate_logprobs=(logpi[index] - log_mass).tolist()))
+    return restricted, kept_mass
 
 
 def step_advantages(transitions, rewards: np.ndarray, gamma: float, lam: float):
