@@ -119,7 +119,7 @@ class Config:
     ppo_advantage: str = "gae"  # "gae" (value head) or "rloo" (the group's other plays)
     ppo_step_limit: int = 16  # step limit of the training games (notebook 000's)
     # The update scores each step's k likeliest valid actions (and the chosen one), pi
-    # renormalised over them (0: all ~35; their tokens are most of a packed PPO game).
+    # renormalised over them (0: all ~35, about half of a packed PPO game's tokens).
     ppo_top_k: int = 0
     ppo_epochs: int = 1  # passes over each iteration's games
     ppo_minibatch_size: int = 2  # packed games per PPO update

@@ -61,7 +61,7 @@ class PPOConfig(PPOHyperparams):
       top_k: score only each step's k likeliest candidates under the sampling policy (and the
         chosen one) in the reference and the update, pi renormalised over them
         (`top_candidates`); 0 keeps every candidate. A state offers ~35 valid actions, most
-        of them with almost no mass, and their tokens are most of a packed game.
+        of them with almost no mass, and their tokens are about half of a packed game.
     """
 
     learning_rate: float = 1.41e-5
@@ -207,7 +207,8 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
 
     Args:
       transitions: collected with `agent.play(..., value_head=...)`; their log-probs, values
-        and bootstrap values are of the sampling policy and used as-is.
+        and bootstrap values are of the sampling policy and used as-is (the log-probs
+        renormalised over the kept candidates with `config.top_k`).
       shared_history, max_len: see `pack_rollout` (max_len: the model's context).
       reference_forward: collated batch -> `packing.PackedOutput` of the frozen warm start.
       config: PPO hyperparameters; pad_id: padding token of the packed rows.
