@@ -47,8 +47,10 @@ def measure(policy: ActorCritic, transitions, config: PPOConfig, pad_id: int) ->
     reference = packed_scorer(policy.lm)
     prepare = lambda ts: prepare_rollout(ts, True, reference, config, 8192, pad_id)
     games = len({t.game for t in transitions})
-    reference_seconds = timed_after_warmup(prepare, [transitions])
+    prepare(transitions)  # compiles
+    start = time.time()
     rollout, stats = prepare(transitions)
+    reference_seconds = time.time() - start
     trainer = Trainer(policy, make_optimizer(OptimConfig(learning_rate=1e-5, weight_decay=0.0)),
                       functools.partial(ppo_loss, config=config, remat=True))
     state = [trainer.init()]  # each step donates its input state: carry the new one
