@@ -248,16 +248,23 @@ def test_group_advantages_leave_one_out_per_game():
 @pytest.mark.textworld
 def test_rloo_rollout_gives_every_step_of_a_play_its_advantage(rollout):
     actor_critic, _, transitions, _, _ = rollout
-    # The two games as two plays of one game: game 0 scores 1 at its first step, game 1 nothing.
-    transitions = [dataclasses.replace(t, reward=float(t.game == 0 and t.step == 0))
-                   for t in transitions]
-    config = dataclasses.replace(CONFIG, advantage="rloo", group_size=2, kl_coef=0.0,
-                                 whiten_advantages=False)
-    packed, _ = prepare_rollout(transitions, False, packed_scorer(actor_critic.lm), config, 8192,
+    # Four plays in groups of two: the fixture's games and copies of them as games 2 and 3,
+    # game 1 one step shorter. Game 0 scores 1 at its first step, the others nothing.
+    plays = transitions + [dataclasses.replace(t, game=t.game + 2) for t in transitions]
+    last = max(t.step for t in plays if t.game == 1)
+    plays = [dataclasses.replace(t, reward=float(t.game == 0 and t.step == 0)) for t in plays
+             if not (t.game == 1 and t.step == last)]
+    # Whitening left on only scales RLOO's advantages: not shifted by the steps' mean, the
+    # tied group (games 2, 3) keeps exactly 0 although game 1 is shorter than game 0.
+    config = dataclasses.replace(CONFIG, advantage="rloo", group_size=2, kl_coef=0.0)
+    assert config.whiten_advantages
+    packed, _ = prepare_rollout(plays, False, packed_scorer(actor_critic.lm), config, 8192,
                                 pad_id=256)
     advantage = np.concatenate([s["advantage"] for s in packed.steps])
-    game = np.array([t.game for t in transitions])  # one step per sequence, in input order
-    np.testing.assert_allclose(advantage, np.where(game == 0, 1.0, -1.0), atol=1e-6)
+    game = np.array([t.game for t in plays])  # one step per sequence, in input order
+    loo = np.select([game == 0, game == 1], [1.0, -1.0], 0.0)  # RLOO: +-1 and 0
+    np.testing.assert_allclose(advantage, loo / loo.std(), atol=1e-5)
+    assert (advantage[game >= 2] == 0).all()
 
 
 def test_step_advantages_bootstrap_only_truncated_episodes():

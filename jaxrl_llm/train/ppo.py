@@ -56,7 +56,8 @@ class PPOConfig(PPOHyperparams):
         (must equal the collecting agent's: `agent.AgentConfig`).
       advantage: "gae" (step-level GAE from the value head) or "rloo": every step of a play
         gets the play's total reward minus the mean total of the other plays of the same game
-        (`group_advantages`; no critic needed, the value head still trains).
+        (`group_advantages`; no critic needed, the value head still trains); whitening only
+        scales them, so a play tied with its group keeps 0.
       group_size: plays of each game per iteration, consecutive in the batch (rloo: >= 2).
       top_k: score only each step's k likeliest candidates under the sampling policy (and the
         chosen one) in the reference and the update, pi renormalised over them
@@ -239,7 +240,11 @@ def prepare_rollout(transitions, shared_history: bool, reference_forward, config
     advantage, returns = step_advantages(transitions, reward, config.gamma, config.lam)
     if config.advantage == "rloo":
         advantage = group_advantages(transitions, reward, config.group_size)
-    if config.whiten_advantages:
+        if config.whiten_advantages:
+            # Scaled only: centred per game already, while shifted by the steps' mean a tied
+            # group (no signal) would push on every action it took.
+            advantage = advantage / np.sqrt(advantage.var() + 1e-8)
+    elif config.whiten_advantages:
         advantage = np.asarray(losses.masked_whiten(advantage[None],
                                                     np.ones((1, len(advantage)))))[0]
     steps = []
